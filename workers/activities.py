@@ -1,0 +1,328 @@
+"""Every activity of the worker: the only code that writes observed state and touches instances.
+
+Activities are methods of one class that holds its clients (database, backend, Temporal client);
+the worker builds the real ones, a test may pass others. Sync activities run in the worker's
+thread pool; those that talk to Temporal are async.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import delete, select
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+
+from common.config import Settings
+from common.db import Database
+from common.models import (
+    I_FAILED,
+    I_QUEUED,
+    I_READY,
+    I_STOPPED,
+    TERMINATED,
+    Endpoint,
+    Event,
+    Instance,
+)
+from workers.backends.base import Backend, LaunchSpec
+from workflows.activity_types import (
+    EndpointStatusUpdate,
+    EventRecord,
+    GpuInventory,
+    GpuInventoryInput,
+    GpuRelease,
+    GpuRequest,
+    InstanceRecord,
+    LifecycleSpec,
+    LivenessInput,
+    LivenessResult,
+    LoadSpecInput,
+    ProvisionInput,
+    ProvisionResult,
+    PurgeInput,
+    QueuePositionsInput,
+    ReadyResult,
+    StopInstanceInput,
+    WaitReadyInput,
+)
+from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
+
+log = logging.getLogger(__name__)
+
+
+def _ts(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes even for timezone-aware columns.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def append_log(path: str, line: str) -> None:
+    """Platform lines go into the instance log beside the instance's own output."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"[standby {stamp}] {line}\n")
+
+
+class StandbyActivities:
+    def __init__(self, settings: Settings, db: Database, backend: Backend, client: Client | None = None):
+        self.settings = settings
+        self.db = db
+        self.backend = backend
+        self.client = client
+
+    def all(self) -> list:
+        return [
+            self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
+            self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
+            self.purge_endpoint,
+        ]
+
+    def host_bound(self) -> list:
+        """Activities that must run on the host that runs the instance."""
+        return [self.provision, self.wait_ready, self.check_liveness, self.stop_instance]
+
+    def _endpoint(self, session, name: str) -> Endpoint:
+        endpoint = session.scalar(select(Endpoint).where(Endpoint.name == name))
+        if endpoint is None:
+            raise ApplicationError(f"endpoint {name} not found", type="EndpointMissing", non_retryable=True)
+        return endpoint
+
+    # ------------------------------------------------------------ spec and observed state
+    @activity.defn
+    def load_lifecycle_spec(self, inp: LoadSpecInput) -> LifecycleSpec:
+        s = self.settings
+        with self.db.session() as session:
+            e = session.scalar(select(Endpoint).where(Endpoint.name == inp.name))
+            if e is None:
+                return LifecycleSpec(name=inp.name, exists=False)
+            return LifecycleSpec(
+                name=e.name, min_instances=e.min_instances, max_instances=e.max_instances,
+                idle_retention_seconds=e.idle_retention_seconds, startup_timeout_seconds=e.startup_timeout_seconds,
+                health_path=e.health_path or "/ping", health_interval_seconds=e.health_interval_seconds,
+                gpu_type=e.gpu_type or "", gpu_count=e.gpu_count,
+                # One host today: its GPU pool is named after it and its activities use its queue.
+                pool=s.host, host_task_queue=s.host_task_queue,
+                purge_after_seconds=s.purge_after_seconds, stop_grace_seconds=s.stop_grace_seconds,
+                drain_grace_seconds=s.proxy_refresh_seconds + s.traffic_debounce_seconds + 1.0,
+                continue_as_new_events=s.continue_as_new_events,
+            )
+
+    @activity.defn
+    def record_endpoint_status(self, upd: EndpointStatusUpdate) -> None:
+        with self.db.session() as session:
+            e = self._endpoint(session, upd.name)
+            e.status = upd.status
+            e.status_reason = upd.reason
+            e.stopped_at = _ts(upd.stopped_at)
+            e.purge_at = _ts(upd.purge_at)
+            e.status_updated_at = datetime.now(timezone.utc)
+            if upd.status != "queued":
+                e.queue_position = None
+            if upd.event_kind:
+                session.add(Event(endpoint_id=e.id, kind=upd.event_kind, message=upd.event_message))
+
+    @activity.defn
+    def record_event(self, rec: EventRecord) -> None:
+        with self.db.session() as session:
+            e = self._endpoint(session, rec.endpoint)
+            session.add(Event(endpoint_id=e.id, kind=rec.kind, message=rec.message, instance_id=rec.instance_id))
+
+    @activity.defn
+    def record_instance(self, rec: InstanceRecord) -> None:
+        with self.db.session() as session:
+            e = self._endpoint(session, rec.endpoint)
+            inst = session.get(Instance, rec.instance_id)
+            if inst is None:
+                inst = Instance(id=rec.instance_id, endpoint_id=e.id, status=rec.status)
+                session.add(inst)
+            inst.status = rec.status
+            for name in ("generation", "reason", "host", "address", "port", "pid", "container_id", "gpu_type",
+                         "gpus", "workdir", "log_path"):
+                value = getattr(rec, name)
+                if value is not None:
+                    setattr(inst, name, value)
+            for name in ("started_at", "ready_at", "stopped_at"):
+                value = getattr(rec, name)
+                if value is not None:
+                    setattr(inst, name, _ts(value))
+            if rec.status != I_QUEUED:
+                inst.queue_position = None
+            if rec.status in (I_STOPPED, I_FAILED):
+                inst.gpu_seconds = self._gpu_seconds(inst, rec.gpu_count)
+            if rec.event_kind:
+                session.add(Event(endpoint_id=e.id, instance_id=inst.id, kind=rec.event_kind,
+                                  message=rec.event_message))
+            log_path = inst.log_path
+        if rec.status == I_FAILED and rec.reason:
+            append_log(log_path, f"instance failed: {rec.reason}")
+        elif rec.event_message and rec.status in (I_READY, I_STOPPED, "draining"):
+            append_log(log_path, rec.event_message)
+
+    @staticmethod
+    def _gpu_seconds(inst: Instance, gpu_count: int) -> float:
+        """Billed from ready to stopped: queued and starting time is never billed."""
+        ready, stopped = _as_utc(inst.ready_at), _as_utc(inst.stopped_at)
+        if not gpu_count or ready is None or stopped is None:
+            return 0.0
+        return round(gpu_count * max(0.0, (stopped - ready).total_seconds()), 3)
+
+    # ------------------------------------------------------------ instances on this host
+    @activity.defn
+    def provision(self, inp: ProvisionInput) -> ProvisionResult:
+        from workers.workdir import log_path_for, prepare_workdir
+
+        with self.db.session() as session:
+            e = self._endpoint(session, inp.endpoint)
+            env = {item["key"]: item.get("value") or "" for item in (e.env or [])}
+            source_kind, source_dir = e.source_kind, e.source_dir
+            start_command, image, port = e.start_command, e.image, e.port
+            cpu, mem, disk = e.cpu_cores, e.memory_gb, e.disk_gb
+            routes_source = _routes_source(e) if source_kind == "routes" else None
+        activity.heartbeat("preparing workdir")
+        log_path = str(log_path_for(self.settings, inp.instance_id))
+        append_log(log_path, f"provisioning instance {inp.instance_id} of {inp.endpoint} "
+                             f"(generation {inp.generation}, GPUs {inp.gpus or 'none'})")
+        try:
+            workdir = prepare_workdir(self.settings, inp.instance_id, source_dir or None if source_kind == "server"
+                                      else None)
+            if routes_source is not None:
+                start_command = _prepare_routes(self.settings, routes_source, workdir, log_path)
+        except (OSError, ValueError) as err:
+            append_log(log_path, f"source preparation failed: {err}")
+            raise ApplicationError(str(err), type="SourceError", non_retryable=True) from err
+        activity.heartbeat("launching")
+        launched = self.backend.launch(LaunchSpec(
+            instance_id=inp.instance_id, endpoint_name=inp.endpoint, start_command=start_command, image=image,
+            port=port, workdir=str(workdir), log_path=log_path, env=env, gpus=list(inp.gpus), cpu_cores=cpu,
+            memory_gb=mem, disk_gb=disk,
+        ))
+        append_log(log_path, f"started on {launched.host} at {launched.address} (pid {launched.pid})")
+        return ProvisionResult(host=launched.host, address=launched.address, port=launched.port, pid=launched.pid,
+                               container_id=launched.container_id, workdir=str(workdir), log_path=log_path)
+
+    @activity.defn
+    def wait_ready(self, inp: WaitReadyInput) -> ReadyResult:
+        from workers.health import wait_until_ready
+
+        remaining = inp.deadline_at - time.time()
+        result = wait_until_ready(
+            inp.address, inp.health_path, max(0.0, remaining),
+            is_alive=lambda: self.backend.liveness(inp.instance_id),
+            heartbeat=lambda: activity.heartbeat(),
+        )
+        return ReadyResult(ready=result.ready, reason=result.reason, seconds=result.seconds)
+
+    @activity.defn
+    def check_liveness(self, inp: LivenessInput) -> LivenessResult:
+        from workers.health import probe
+
+        live = self.backend.liveness(inp.instance_id)
+        if not live.alive:
+            code = f" with code {live.exit_code}" if live.exit_code is not None else ""
+            return LivenessResult(False, f"process exited{code}{': ' + live.detail if live.detail else ''}")
+        # The process runs; a server that stopped answering is dead too, after a few tries.
+        detail = ""
+        for attempt in range(3):
+            ok, detail = probe(inp.address, inp.health_path, timeout=5.0)
+            if ok:
+                return LivenessResult(True)
+            time.sleep(0.5 * (attempt + 1))
+        return LivenessResult(False, f"health check {inp.health_path} failing: {detail}")
+
+    @activity.defn
+    def stop_instance(self, inp: StopInstanceInput) -> None:
+        self.backend.stop(inp.instance_id, inp.grace_seconds)
+
+    # ------------------------------------------------------------ GPU pool
+    @activity.defn
+    def gpu_inventory(self, inp: GpuInventoryInput) -> GpuInventory:
+        from workers.gpus import load_inventory
+
+        try:
+            return GpuInventory(gpus=load_inventory(self.settings))
+        except ValueError as err:
+            log.error("GPU inventory unusable: %s", err)
+            return GpuInventory(gpus={}, error=str(err))
+
+    @activity.defn
+    async def request_gpus(self, req: GpuRequest) -> None:
+        # signal-with-start: the pool workflow exists from the first request on.
+        from workflows.gpu_pool import SIGNAL_REQUEST, PoolInput
+
+        await self.client.start_workflow(
+            GPU_POOL_WORKFLOW, PoolInput(pool=req.pool), id=gpu_pool_workflow_id(req.pool),
+            task_queue=self.settings.task_queue, start_signal=SIGNAL_REQUEST, start_signal_args=[req],
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+
+    @activity.defn
+    async def release_gpus(self, rel: GpuRelease) -> None:
+        from workflows.gpu_pool import SIGNAL_RELEASE
+
+        await self.client.get_workflow_handle(gpu_pool_workflow_id(rel.pool)).signal(SIGNAL_RELEASE, rel)
+
+    @activity.defn
+    def record_queue_positions(self, inp: QueuePositionsInput) -> None:
+        with self.db.session() as session:
+            touched = set()
+            for pos in inp.positions:
+                inst = session.get(Instance, pos.instance_id)
+                if inst is None:
+                    continue
+                inst.queue_position = pos.position
+                touched.add(inst.endpoint_id)
+            session.flush()
+            for endpoint_id in touched:
+                e = session.get(Endpoint, endpoint_id)
+                positions = [i.queue_position for i in e.instances if i.queue_position is not None]
+                e.queue_position = min(positions) if positions else None
+
+    # ------------------------------------------------------------ purge
+    @activity.defn
+    def purge_endpoint(self, inp: PurgeInput) -> None:
+        from workers.workdir import remove_instance_files
+
+        with self.db.session() as session:
+            e = self._endpoint(session, inp.endpoint)
+            ids = [i.id for i in e.instances]
+            for iid in ids:
+                remove_instance_files(self.settings, iid)
+            session.execute(delete(Instance).where(Instance.endpoint_id == e.id))
+            session.execute(delete(Event).where(Event.endpoint_id == e.id))
+            # Keep a tombstone so the UI can say what happened; secrets go with the rest.
+            e.env = [{"key": item["key"], "value": "", "secret": bool(item.get("secret"))} for item in (e.env or [])]
+            e.status = TERMINATED
+            e.status_reason = inp.reason
+            e.queue_position = None
+            e.status_updated_at = datetime.now(timezone.utc)
+            session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
+
+
+def _routes_source(endpoint: Endpoint):
+    """Snapshot of a routes endpoint's source, read inside the session (issue 4)."""
+    version = None
+    if endpoint.model_version_id is not None:
+        from common.models import ModelVersion
+
+        v = endpoint.model_version_id
+        version = v
+    return {"routes": list(endpoint.routes or []), "model_version_id": version,
+            "git_url": endpoint.git_url, "git_ref": endpoint.git_ref, "endpoint": endpoint.name}
+
+
+def _prepare_routes(settings: Settings, source: dict, workdir, log_path: str) -> str:
+    """Populate a routes endpoint's workdir and return the built-in runtime's start command."""
+    raise ValueError("routes sources are not available yet")

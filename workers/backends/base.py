@@ -1,0 +1,59 @@
+"""The narrow interface the worker's activities need from an instance backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class LaunchSpec:
+    instance_id: str
+    endpoint_name: str
+    # Process backend: a shell command; `{port}` and `$PORT` are substituted.
+    start_command: str
+    # Docker backend: the image to run (start_command, when set, overrides its command).
+    image: str
+    # The port the server listens on inside a container; the process backend allocates one.
+    port: int
+    # A fresh directory already populated with the instance's source (may be empty).
+    workdir: str
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: list[int] = field(default_factory=list)
+    cpu_cores: float = 1.0
+    memory_gb: float = 1.0
+    disk_gb: int = 10
+
+
+@dataclass
+class Launched:
+    host: str
+    address: str  # "127.0.0.1:43121": where the proxy and the health checks reach it
+    port: int
+    pid: int | None = None
+    container_id: str = ""
+
+
+@dataclass
+class Liveness:
+    alive: bool
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class Backend(Protocol):
+    name: str
+
+    def launch(self, spec: LaunchSpec) -> Launched:
+        """Start the instance. Idempotent per instance id: anything left of an earlier attempt
+        for the same id (a worker crashed mid-provision) is stopped first, so there is never
+        more than one process per instance."""
+
+    def liveness(self, instance_id: str) -> Liveness:
+        """Is the instance's process (or container) still running?"""
+
+    def stop(self, instance_id: str, grace_seconds: float) -> None:
+        """SIGTERM (docker stop), then SIGKILL after the grace period. Idempotent."""
+
+    def running_instance_ids(self) -> list[str]:
+        """Instances this host is running now, for reaping after a worker crash."""

@@ -1,0 +1,63 @@
+"""The worker process: workflows, activities, and this host's own activity queue."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from common.config import Settings
+from common.db import Database
+from workers.activities import StandbyActivities
+from workers.reaper import reap
+from workflows.endpoint import EndpointWorkflow
+from workflows.gpu_pool import GpuPoolWorkflow
+from workflows.instance import InstanceWorkflow
+
+log = logging.getLogger(__name__)
+WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow]
+
+
+async def connect(settings: Settings) -> Client:
+    return await Client.connect(settings.temporal_target, namespace=settings.temporal_namespace)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, stop_instances_on_exit: bool = False,
+                     client: Client | None = None) -> None:
+    from workers.backends import make_backend
+
+    client = client or await connect(settings)
+    db = Database(settings.database_url)
+    backend = make_backend(settings)
+    reap(settings, db, backend)
+    acts = StandbyActivities(settings, db, backend, client)
+    stop = stop or asyncio.Event()
+    with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as pool:
+        main = Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS, activities=acts.all(),
+                      activity_executor=pool, max_concurrent_activities=64)
+        host = Worker(client, task_queue=settings.host_task_queue, activities=acts.host_bound(),
+                      activity_executor=pool, max_concurrent_activities=64)
+        async with main, host:
+            log.info("worker on %s and %s (backend %s)", settings.task_queue, settings.host_task_queue,
+                     settings.backend)
+            await stop.wait()
+    if stop_instances_on_exit and hasattr(backend, "stop_all"):
+        # `app.py up` is one machine's whole system: Ctrl-C leaves no instance behind. Their
+        # workflows find them gone on the next start and record or replace them.
+        backend.stop_all(settings.stop_grace_seconds)
+
+
+def main(settings: Settings, *, stop_instances_on_exit: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop, stop_instances_on_exit=stop_instances_on_exit)
+
+    asyncio.run(runner())

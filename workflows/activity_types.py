@@ -1,0 +1,195 @@
+"""Inputs and results of the worker's activities, as seen by the workflows.
+
+Pure dataclasses with no I/O, so workflow code can import them inside the sandbox. Activity
+names are the method names of `workers.activities.StandbyActivities`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LifecycleSpec:
+    """The part of an endpoint's spec the lifecycle needs. Secrets never enter workflow history:
+    the provision activity reads environment values from the database itself."""
+
+    name: str
+    min_instances: int = 0
+    max_instances: int = 1
+    idle_retention_seconds: int = 600
+    startup_timeout_seconds: int = 1200
+    health_path: str = "/ping"
+    health_interval_seconds: int = 10
+    gpu_type: str = ""
+    gpu_count: int = 0
+    # The GPU pool (one per host) and that host's activity task queue.
+    pool: str = ""
+    host_task_queue: str = ""
+    purge_after_seconds: int = 14 * 24 * 3600
+    stop_grace_seconds: float = 10.0
+    # How long a draining instance waits after the proxy was told, so that requests routed
+    # from a stale proxy cache still reach a live instance.
+    drain_grace_seconds: float = 3.0
+    continue_as_new_events: int = 2000
+    exists: bool = True
+
+
+@dataclass
+class LoadSpecInput:
+    name: str
+
+
+@dataclass
+class EndpointStatusUpdate:
+    name: str
+    status: str
+    reason: str = ""
+    stopped_at: float | None = None
+    purge_at: float | None = None
+    # Optional event recorded in the same transaction.
+    event_kind: str = ""
+    event_message: str = ""
+
+
+@dataclass
+class EventRecord:
+    endpoint: str
+    kind: str
+    message: str = ""
+    instance_id: str | None = None
+
+
+@dataclass
+class InstanceRecord:
+    """Upsert of an instance row. Fields left None are not changed."""
+
+    endpoint: str
+    instance_id: str
+    status: str
+    generation: int | None = None
+    reason: str | None = None
+    host: str | None = None
+    address: str | None = None
+    port: int | None = None
+    pid: int | None = None
+    container_id: str | None = None
+    gpu_type: str | None = None
+    gpus: list[int] | None = None
+    workdir: str | None = None
+    log_path: str | None = None
+    # Marks timestamps (workflow time, unix seconds): started_at / ready_at / stopped_at.
+    started_at: float | None = None
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    gpu_count: int = 0
+    event_kind: str = ""
+    event_message: str = ""
+
+
+@dataclass
+class ProvisionInput:
+    endpoint: str
+    instance_id: str
+    generation: int
+    gpus: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ProvisionResult:
+    host: str
+    address: str
+    port: int
+    pid: int | None
+    container_id: str
+    workdir: str
+    log_path: str
+
+
+@dataclass
+class WaitReadyInput:
+    endpoint: str
+    instance_id: str
+    address: str
+    health_path: str
+    # Unix time by which the instance must answer 200: provision start + startup timeout.
+    deadline_at: float
+
+
+@dataclass
+class ReadyResult:
+    ready: bool
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class LivenessInput:
+    endpoint: str
+    instance_id: str
+    address: str
+    health_path: str
+
+
+@dataclass
+class LivenessResult:
+    alive: bool
+    reason: str = ""
+
+
+@dataclass
+class StopInstanceInput:
+    endpoint: str
+    instance_id: str
+    grace_seconds: float = 10.0
+
+
+@dataclass
+class GpuRequest:
+    pool: str
+    requester_workflow_id: str
+    endpoint: str
+    instance_id: str
+    gpu_type: str
+    count: int
+
+
+@dataclass
+class GpuGrant:
+    instance_id: str
+    gpus: list[int]
+
+
+@dataclass
+class GpuRelease:
+    pool: str
+    instance_id: str
+
+
+@dataclass
+class GpuInventoryInput:
+    pool: str
+
+
+@dataclass
+class GpuInventory:
+    # {"A100": [0, 1], "T4": [2, 3]}
+    gpus: dict[str, list[int]] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class QueuePosition:
+    endpoint: str
+    instance_id: str
+    position: int | None  # None once granted / withdrawn
+
+
+@dataclass
+class QueuePositionsInput:
+    positions: list[QueuePosition] = field(default_factory=list)
+
+
+@dataclass
+class PurgeInput:
+    endpoint: str
+    reason: str = ""

@@ -1,0 +1,291 @@
+"""InstanceWorkflow: one instance's life, as a child of its EndpointWorkflow.
+
+acquire GPUs (pool queue) -> provision -> readiness probe until HTTP 200 within the startup
+timeout -> serve with liveness checks every health interval -> (release) -> stop -> release
+GPUs -> record usage. Every change is reported to the parent with an `instance_changed` signal;
+the parent alone decides to release an instance, with a `release` signal.
+
+Started with ParentClosePolicy.ABANDON so the parent's continue-as-new never kills a serving
+instance; parent and child talk by workflow id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from common.models import (
+        I_FAILED,
+        I_PROVISIONING,
+        I_QUEUED,
+        I_READY,
+        I_STARTING,
+        I_STOPPED,
+        I_STOPPING,
+    )
+    from workflows.activity_types import (
+        GpuGrant,
+        GpuRelease,
+        GpuRequest,
+        InstanceRecord,
+        LifecycleSpec,
+        LivenessInput,
+        LivenessResult,
+        ProvisionInput,
+        ProvisionResult,
+        ReadyResult,
+        StopInstanceInput,
+        WaitReadyInput,
+    )
+    from workflows.gpu_pool import SIGNAL_GRANTED
+
+SIGNAL_RELEASE = "release"
+SIGNAL_INSTANCE_CHANGED = "instance_changed"  # sent to the parent endpoint workflow
+
+DB_WRITE = dict(
+    start_to_close_timeout=timedelta(seconds=30),
+    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)),
+)
+
+
+@dataclass
+class InstanceChange:
+    instance_id: str
+    status: str
+    generation: int = 0
+    address: str = ""
+    reason: str = ""
+    at: float = 0.0
+
+
+@dataclass
+class ServingState:
+    """What a serving instance carries through continue-as-new."""
+
+    address: str
+    gpus: list[int]
+    ready_at: float
+    host_task_queue: str
+
+
+@dataclass
+class InstanceInput:
+    endpoint: str
+    instance_id: str
+    generation: int
+    parent_workflow_id: str
+    spec: LifecycleSpec
+    serving: ServingState | None = None
+
+
+@dataclass
+class ReleaseRequest:
+    reason: str = ""
+
+
+@workflow.defn(name="InstanceWorkflow")
+class InstanceWorkflow:
+    @workflow.init
+    def __init__(self, inp: InstanceInput) -> None:
+        self.inp = inp
+        self.status = I_QUEUED
+        self.grant: GpuGrant | None = None
+        self.release_reason: str | None = None
+        self.gpus: list[int] = list(inp.serving.gpus) if inp.serving else []
+        self.address = inp.serving.address if inp.serving else ""
+
+    @workflow.signal(name=SIGNAL_GRANTED)
+    def gpus_granted(self, grant: GpuGrant) -> None:
+        self.grant = grant
+
+    @workflow.signal(name=SIGNAL_RELEASE)
+    def release(self, req: ReleaseRequest | None = None) -> None:
+        if self.release_reason is None:
+            self.release_reason = (req.reason if req else "") or "released"
+
+    @workflow.query(name="status")
+    def query_status(self) -> InstanceChange:
+        return InstanceChange(self.inp.instance_id, self.status, self.inp.generation, self.address)
+
+    @workflow.run
+    async def run(self, inp: InstanceInput) -> str:
+        spec = inp.spec
+        if inp.serving is not None:
+            self.status = I_READY
+            return await self._serve(inp.serving)
+
+        await self._record(I_QUEUED, generation=inp.generation, gpu_type=spec.gpu_type,
+                           event_kind="instance_created",
+                           event_message=f"instance {inp.instance_id} created")
+        if spec.gpu_count > 0:
+            if not await self._acquire_gpus():
+                return await self._finish(I_STOPPED, self.release_reason or "released while queued")
+
+        # Provisioning runs on the pool's host: it starts a process there.
+        self.status = I_PROVISIONING
+        await self._notify()
+        started_at = workflow.now().timestamp()
+        try:
+            prov: ProvisionResult = await workflow.execute_activity(
+                "provision",
+                ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, self.gpus),
+                result_type=ProvisionResult,
+                task_queue=spec.host_task_queue,
+                start_to_close_timeout=timedelta(seconds=max(60, spec.startup_timeout_seconds)),
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=["SourceError"]),
+            )
+        except ActivityError as err:
+            reason = f"provisioning failed: {_cause(err)}"
+            await self._stop_process()
+            return await self._finish(I_FAILED, reason)
+
+        self.address = prov.address
+        self.status = I_STARTING
+        await self._record(I_STARTING, host=prov.host, address=prov.address, port=prov.port, pid=prov.pid,
+                           container_id=prov.container_id, workdir=prov.workdir, log_path=prov.log_path,
+                           started_at=started_at)
+        await self._notify()
+
+        deadline = started_at + spec.startup_timeout_seconds
+        ready_task = workflow.start_activity(
+            "wait_ready",
+            WaitReadyInput(inp.endpoint, inp.instance_id, prov.address, spec.health_path, deadline),
+            result_type=ReadyResult,
+            task_queue=spec.host_task_queue,
+            start_to_close_timeout=timedelta(seconds=spec.startup_timeout_seconds + 60),
+            heartbeat_timeout=timedelta(seconds=15),
+            retry_policy=RetryPolicy(maximum_attempts=5),
+        )
+        # A release (stop/terminate) while starting must not wait for the probe.
+        await workflow.wait_condition(lambda: ready_task.done() or self.release_reason is not None)
+        if not ready_task.done():
+            ready_task.cancel()
+            await self._stop_process()
+            return await self._finish(I_STOPPED, self.release_reason)
+        try:
+            ready: ReadyResult = ready_task.result()
+        except ActivityError as err:
+            ready = ReadyResult(ready=False, reason=f"readiness probe failed: {_cause(err)}")
+        if not ready.ready:
+            await self._stop_process()
+            return await self._finish(I_FAILED, ready.reason)
+
+        ready_at = workflow.now().timestamp()
+        self.status = I_READY
+        await self._record(I_READY, ready_at=ready_at, event_kind="instance_ready",
+                           event_message=f"instance {inp.instance_id} ready in {ready.seconds:.2f}s "
+                                         f"at {prov.address}")
+        await self._notify()
+        return await self._serve(ServingState(prov.address, self.gpus, ready_at, spec.host_task_queue))
+
+    async def _serve(self, serving: ServingState) -> str:
+        spec = self.inp.spec
+        while True:
+            released = await self._wait(lambda: self.release_reason is not None, spec.health_interval_seconds)
+            if released:
+                await self._stop_process()
+                return await self._finish(I_STOPPED, self.release_reason, ready_at=serving.ready_at)
+            try:
+                live: LivenessResult = await workflow.execute_activity(
+                    "check_liveness",
+                    LivenessInput(self.inp.endpoint, self.inp.instance_id, serving.address, spec.health_path),
+                    result_type=LivenessResult,
+                    task_queue=serving.host_task_queue,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    # One missed probe must not kill the instance: the activity itself retries
+                    # the HTTP probe a few times before it reports the instance dead.
+                    retry_policy=RetryPolicy(maximum_attempts=2),
+                )
+            except ActivityError as err:
+                live = LivenessResult(alive=True, reason=f"liveness check error: {_cause(err)}")
+            if not live.alive:
+                await self._stop_process()
+                return await self._finish(I_FAILED, f"instance died while serving: {live.reason}",
+                                          ready_at=serving.ready_at, died=True)
+            info = workflow.info()
+            if info.is_continue_as_new_suggested() or info.get_current_history_length() > spec.continue_as_new_events:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                inp = self.inp
+                workflow.continue_as_new(InstanceInput(inp.endpoint, inp.instance_id, inp.generation,
+                                                       inp.parent_workflow_id, spec, serving))
+
+    async def _wait(self, condition, seconds: float) -> bool:
+        try:
+            await workflow.wait_condition(condition, timeout=timedelta(seconds=seconds))
+            return True
+        except TimeoutError:
+            return False
+
+    async def _acquire_gpus(self) -> bool:
+        spec = self.inp.spec
+        await workflow.execute_activity(
+            "request_gpus",
+            GpuRequest(spec.pool, workflow.info().workflow_id, self.inp.endpoint, self.inp.instance_id,
+                       spec.gpu_type, spec.gpu_count),
+            **DB_WRITE,
+        )
+        await self._notify()
+        await workflow.wait_condition(lambda: self.grant is not None or self.release_reason is not None)
+        if self.grant is None:
+            return False  # released while queued; _finish withdraws the request
+        self.gpus = list(self.grant.gpus)
+        await self._record(I_PROVISIONING, gpus=self.gpus,
+                           event_kind="gpus_granted",
+                           event_message=f"GPUs {spec.gpu_type} {self.gpus} granted")
+        return True
+
+    async def _release_gpus(self) -> None:
+        if self.inp.spec.gpu_count > 0:
+            await workflow.execute_activity("release_gpus", GpuRelease(self.inp.spec.pool, self.inp.instance_id),
+                                            **DB_WRITE)
+
+    async def _stop_process(self) -> None:
+        self.status = I_STOPPING
+        await self._record(I_STOPPING)
+        await workflow.execute_activity(
+            "stop_instance",
+            StopInstanceInput(self.inp.endpoint, self.inp.instance_id, self.inp.spec.stop_grace_seconds),
+            task_queue=self.inp.spec.host_task_queue,
+            start_to_close_timeout=timedelta(seconds=self.inp.spec.stop_grace_seconds + 60),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+        )
+
+    async def _finish(self, status: str, reason: str, ready_at: float | None = None, died: bool = False) -> str:
+        await self._release_gpus()
+        self.status = status
+        stopped_at = workflow.now().timestamp()
+        if status == I_FAILED:
+            kind = "instance_died" if died else "instance_failed"
+        else:
+            kind = "instance_stopped"
+        await self._record(status, reason=reason, stopped_at=stopped_at, gpu_count=self.inp.spec.gpu_count,
+                           event_kind=kind, event_message=f"instance {self.inp.instance_id} {status}: {reason}")
+        await self._notify(reason)
+        return status
+
+    async def _record(self, status: str, **fields) -> None:
+        await workflow.execute_activity(
+            "record_instance",
+            InstanceRecord(endpoint=self.inp.endpoint, instance_id=self.inp.instance_id, status=status, **fields),
+            **DB_WRITE,
+        )
+
+    async def _notify(self, reason: str = "") -> None:
+        change = InstanceChange(self.inp.instance_id, self.status, self.inp.generation, self.address, reason,
+                                workflow.now().timestamp())
+        try:
+            await workflow.get_external_workflow_handle(self.inp.parent_workflow_id).signal(
+                SIGNAL_INSTANCE_CHANGED, change)
+        except Exception as err:  # the parent may be gone (terminated by an operator)
+            workflow.logger.warning("could not notify %s: %s", self.inp.parent_workflow_id, err)
+
+
+def _cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) or type(err).__name__

@@ -1,0 +1,209 @@
+"""The endpoint lifecycle's decisions as pure functions over its state (unit-tested directly).
+
+EndpointWorkflow keeps an `EndpointState`, feeds it signals, and asks these functions what to do:
+which status to show, how many instances to start, which idle instance to drain, when to wake.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.models import (
+    FAILED,
+    I_DRAINING,
+    I_FAILED,
+    I_PROVISIONING,
+    I_QUEUED,
+    I_READY,
+    I_STARTING,
+    I_STOPPED,
+    I_STOPPING,
+    QUEUED,
+    RUNNING,
+    STANDBY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+
+)
+from workflows.activity_types import LifecycleSpec
+from workflows.traffic_types import TrafficReport
+
+# What the owner asked for; the shown status is derived from it and the instances.
+SERVING, WANT_STOPPED, WANT_FAILED, WANT_TERMINATED = "serving", "stopped", "failed", "terminated"
+
+I_NEW = "new"  # decided, child workflow not started yet
+LIVE = (I_NEW, I_QUEUED, I_PROVISIONING, I_STARTING, I_READY, I_DRAINING, I_STOPPING)
+TERMINAL = (I_STOPPED, I_FAILED)
+
+# A proxy process that has not reported for this long is presumed gone: its in-flight figures
+# no longer hold an instance (proxies re-report every few seconds while requests are in flight).
+STALE_REPORT_SECONDS = 60.0
+
+
+@dataclass
+class InstanceView:
+    id: str
+    status: str
+    generation: int
+    created_at: float
+    address: str = ""
+    ready_at: float | None = None
+    draining_since: float | None = None
+    release_sent: bool = False
+    reason: str = ""
+    ended_at: float | None = None
+
+
+@dataclass
+class EndpointState:
+    spec: LifecycleSpec
+    desired: str = SERVING
+    generation: int = 0
+    instances: dict[str, InstanceView] = field(default_factory=dict)
+    traffic: dict[str, TrafficReport] = field(default_factory=dict)
+    wake_pending: bool = False
+    # restart: old instances are released first, then `restart_target` fresh ones start.
+    restart_pending: bool = False
+    restart_target: int = 0
+    stopped_at: float | None = None
+    purge_at: float | None = None
+    failure_reason: str = ""
+    published_status: str = ""
+    published_reason: str = ""
+    scale_outs: dict[str, str] = field(default_factory=dict)  # request id -> instance id
+    spec_reload_pending: bool = False
+
+
+@dataclass
+class Traffic:
+    in_flight: int = 0
+    last_request_at: float = 0.0
+
+
+def live(state: EndpointState) -> list[InstanceView]:
+    return [i for i in state.instances.values() if i.status in LIVE]
+
+
+def active(state: EndpointState) -> list[InstanceView]:
+    """Live instances that are not on their way out."""
+    return [i for i in live(state) if i.status not in (I_DRAINING, I_STOPPING) and not i.release_sent]
+
+
+def routable(state: EndpointState) -> list[InstanceView]:
+    return [i for i in state.instances.values() if i.status == I_READY and not i.release_sent]
+
+
+def aggregate_traffic(state: EndpointState, now: float) -> dict[str, Traffic]:
+    """Sum in-flight requests per instance over proxy processes; the latest request time wins."""
+    out: dict[str, Traffic] = {}
+    for report in state.traffic.values():
+        fresh = now - report.sent_at <= STALE_REPORT_SECONDS
+        for item in report.instances:
+            t = out.setdefault(item.instance_id, Traffic())
+            if fresh:
+                t.in_flight += item.in_flight
+            t.last_request_at = max(t.last_request_at, item.last_request_at)
+    return out
+
+
+def last_activity(view: InstanceView, traffic: dict[str, Traffic]) -> float:
+    t = traffic.get(view.id)
+    return max(view.ready_at or view.created_at, t.last_request_at if t else 0.0)
+
+
+def derive_status(state: EndpointState) -> str:
+    alive = live(state)
+    if state.desired == WANT_TERMINATED:
+        return STOPPING  # `terminated` is written by the purge itself, once everything is gone
+    if state.desired == WANT_FAILED:
+        return FAILED
+    if state.desired == WANT_STOPPED:
+        return STOPPING if alive else STOPPED
+    statuses = {i.status for i in alive}
+    if I_READY in statuses or I_DRAINING in statuses:
+        return RUNNING
+    if statuses & {I_NEW, I_PROVISIONING, I_STARTING}:
+        return STARTING
+    if I_QUEUED in statuses:
+        return QUEUED
+    return STANDBY
+
+
+def wanted_new_instances(state: EndpointState) -> int:
+    """How many instances to start now to honour min instances and a pending wake."""
+    if state.desired != SERVING or state.restart_pending:
+        return 0
+    want = state.spec.min_instances
+    if state.wake_pending:
+        want = max(want, 1)
+    have = len(active(state))
+    room = state.spec.max_instances - len(live(state))
+    return max(0, min(want - have, room))
+
+
+def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | None]:
+    """Ready instances idle for the retention period, beyond min instances, to drain now; and
+    the next time this answer may change (for the workflow's timer)."""
+    if state.desired != SERVING:
+        return [], None
+    traffic = aggregate_traffic(state, now)
+    keep = state.spec.min_instances
+    candidates = []
+    next_check: float | None = None
+    for view in routable(state):
+        t = traffic.get(view.id, Traffic())
+        if t.in_flight > 0:
+            continue
+        idle_since = last_activity(view, traffic)
+        due = idle_since + state.spec.idle_retention_seconds
+        if due <= now:
+            candidates.append((idle_since, view.id))
+        else:
+            next_check = due if next_check is None else min(next_check, due)
+    candidates.sort()  # the longest idle goes first
+    spare = len(active(state)) - keep
+    drain = [iid for _, iid in candidates[: max(0, spare)]]
+    return drain, next_check
+
+
+def drained(state: EndpointState, now: float) -> tuple[list[str], float | None]:
+    """Draining instances that can be released: no request in flight and the drain grace passed
+    since both the drain began and the last request touched them."""
+    traffic = aggregate_traffic(state, now)
+    ready, next_check = [], None
+    for view in state.instances.values():
+        if view.status != I_DRAINING or view.release_sent:
+            continue
+        t = traffic.get(view.id, Traffic())
+        if t.in_flight > 0:
+            continue  # a traffic report will wake the workflow when it drops
+        due = max(view.draining_since or now, t.last_request_at) + state.spec.drain_grace_seconds
+        if due <= now:
+            ready.append(view.id)
+        else:
+            next_check = due if next_check is None else min(next_check, due)
+    return ready, next_check
+
+
+def next_stale_report(state: EndpointState, now: float) -> float | None:
+    """When a reporter with in-flight requests turns stale, idleness must be re-evaluated."""
+    times = [
+        r.sent_at + STALE_REPORT_SECONDS
+        for r in state.traffic.values()
+        if any(i.in_flight for i in r.instances) and r.sent_at + STALE_REPORT_SECONDS > now
+    ]
+    return min(times) if times else None
+
+
+def prune(state: EndpointState, now: float, keep_seconds: float = 60.0) -> None:
+    """Forget ended instances (the database keeps their record) and long-gone reporters."""
+    for iid in [i.id for i in state.instances.values() if i.status in TERMINAL and i.ended_at is not None
+                and now - i.ended_at > keep_seconds]:
+        del state.instances[iid]
+    known = set(state.instances)
+    for key in [k for k, r in state.traffic.items() if now - r.sent_at > 10 * STALE_REPORT_SECONDS]:
+        del state.traffic[key]
+    for report in state.traffic.values():
+        report.instances = [i for i in report.instances if i.instance_id in known]
+    live_ids = set(state.instances)
+    state.scale_outs = {k: v for k, v in state.scale_outs.items() if v in live_ids}
