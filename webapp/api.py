@@ -1,0 +1,204 @@
+"""JSON API under /api/v1 (DESIGN.md "The JSON API"). Errors are JSON: {"error": ..., "errors": {...}}."""
+from __future__ import annotations
+
+from flask import Blueprint, request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from webapp import api_keys
+from webapp.extensions import db, gpu_inventory, settings
+from webapp.spec import validate_spec
+from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
+from webapp.views_common import (
+    ACTIONS,
+    action_refusal,
+    create_endpoint_row,
+    endpoint_json,
+    endpoint_logs,
+    event_json,
+    get_endpoint,
+    instance_json,
+    notify_spec_changed,
+    parse_line_count,
+    perform_action,
+    previous_still_finishing,
+    recent_events,
+    update_endpoint_row,
+)
+from workflows.contracts import ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def error(status: int, message: str, errors: dict | None = None, **extra):
+    return {"error": message, "errors": errors or {}, **extra}, status
+
+
+def _json_body():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return None
+    return body
+
+
+def workflow_error(exc: Exception, endpoint: Endpoint | None = None):
+    """Map bridge exceptions to HTTP answers."""
+    if isinstance(exc, TemporalUnavailable):
+        extra = {"endpoint": endpoint_json(endpoint)} if endpoint is not None else {}
+        return error(503, str(exc), **extra)
+    assert isinstance(exc, WorkflowActionError)
+    if exc.type == ERR_REPLICA_QUOTA:
+        return error(409, exc.message, code=1007, msg="deployment replica quota exceeded")
+    if exc.type == ERR_NOT_SERVING:
+        return error(409, exc.message)
+    if exc.type == ERR_START_FAILED:
+        return error(502, f"the instance failed to start: {exc.message}")
+    if exc.type == "Timeout":
+        return error(504, exc.message)
+    return error(502, f"Temporal refused the request ({exc.type}): {exc.message}")
+
+
+@bp.post("/endpoints")
+def create_endpoint():
+    """Create an endpoint and start its workflow."""
+    body = _json_body()
+    if body is None:
+        return error(400, "the request body must be a JSON object of spec fields")
+    clean, errors = validate_spec(body, existing=None, inventory=gpu_inventory(), settings=settings(), session=db.session)
+    if errors:
+        return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
+    try:
+        blocker = previous_still_finishing(clean["name"])
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc)
+    if blocker:
+        return error(409, blocker, {"name": blocker})
+    try:
+        endpoint = create_endpoint_row(clean)
+    except IntegrityError:
+        db.session.rollback()
+        return error(400, "invalid endpoint spec", {"name": f"name {clean['name']!r} is taken by another endpoint; choose another name"})
+    try:
+        from webapp.extensions import bridge
+
+        bridge().start_endpoint(endpoint.name)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        # The spec row is kept: any later action (wake, restart...) starts the workflow.
+        return workflow_error(exc, endpoint)
+    return endpoint_json(endpoint), 201
+
+
+@bp.get("/endpoints")
+def list_endpoints():
+    """All endpoints with their status."""
+    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name))
+    return {"endpoints": [endpoint_json(e) for e in endpoints]}
+
+
+@bp.get("/endpoints/<name>")
+def show_endpoint(name: str):
+    """One endpoint: spec, status, url, instances."""
+    return endpoint_json(get_endpoint(name))
+
+
+@bp.patch("/endpoints/<name>")
+def update_endpoint(name: str):
+    """Change mutable spec fields and tell the workflow."""
+    endpoint = get_endpoint(name)
+    if endpoint.status in (TERMINATED, FAILED):
+        return error(409, action_refusal(endpoint, "edit") or f"endpoint {name!r} is {endpoint.status}")
+    body = _json_body()
+    if body is None:
+        return error(400, "the request body must be a JSON object of spec fields to change")
+    clean, errors = validate_spec(body, existing=endpoint, inventory=gpu_inventory(), settings=settings(), session=db.session)
+    if errors:
+        return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
+    changed = update_endpoint_row(endpoint, clean)
+    if changed:
+        try:
+            notify_spec_changed(endpoint, changed)
+        except (TemporalUnavailable, WorkflowActionError) as exc:
+            return workflow_error(exc, endpoint)
+    return endpoint_json(endpoint)
+
+
+@bp.post("/endpoints/<name>/<action>")
+def endpoint_action(name: str, action: str):
+    """stop, restart, terminate, wake (?wait=true waits for a ready instance), scale-out."""
+    if action not in ACTIONS:
+        return error(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+    endpoint = get_endpoint(name)
+    refusal = action_refusal(endpoint, action)
+    if refusal:
+        return error(409, refusal)
+    wait = request.args.get("wait", "").lower() in ("1", "true", "yes")
+    try:
+        result = perform_action(endpoint, action, wait=wait)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc)
+    if action == "scale-out" or (action == "wake" and wait):
+        return result, 200
+    return {"action": action, **result}, 202
+
+
+@bp.get("/endpoints/<name>/instances")
+def list_instances(name: str):
+    """Instances of an endpoint, newest first."""
+    return {"instances": [instance_json(i) for i in get_endpoint(name).instances]}
+
+
+@bp.get("/endpoints/<name>/events")
+def list_events(name: str):
+    """Event timeline, newest first."""
+    return {"events": [event_json(e) for e in recent_events(get_endpoint(name))]}
+
+
+@bp.get("/endpoints/<name>/logs")
+def logs(name: str):
+    """Instance log lines, newest first (?instance=<id>&lines=N)."""
+    endpoint = get_endpoint(name)
+    instance_id = request.args.get("instance") or None
+    if instance_id and all(i.id != instance_id for i in endpoint.instances):
+        return error(404, f"endpoint {name!r} has no instance {instance_id!r}")
+    try:
+        count = parse_line_count(request.args.get("lines"))
+    except ValueError as exc:
+        return error(400, str(exc), {"lines": str(exc)})
+    return {"lines": endpoint_logs(endpoint, instance_id, count)}
+
+
+@bp.post("/endpoints/<name>/keys")
+def create_key(name: str):
+    """Create an API key; the key itself is in this answer only."""
+    endpoint = get_endpoint(name)
+    if endpoint.status == TERMINATED:
+        return error(409, f"endpoint {name!r} is terminated")
+    body = request.get_json(silent=True)
+    if body is not None and not isinstance(body, dict):
+        return error(400, 'the body must be a JSON object such as {"name": "ci"}')
+    key_name, problem = api_keys.validate_key_name((body or {}).get("name"))
+    if problem:
+        return error(400, problem, {"name": problem})
+    row, plaintext = api_keys.create_key(db.session, endpoint, key_name)
+    db.session.commit()
+    return {**api_keys.key_json(row), "key": plaintext}, 201
+
+
+@bp.get("/endpoints/<name>/keys")
+def list_keys(name: str):
+    """Active keys (prefix, name, created); never the keys themselves."""
+    endpoint = get_endpoint(name)
+    return {"keys": [api_keys.key_json(k) for k in api_keys.active_keys(db.session, endpoint)]}
+
+
+@bp.delete("/endpoints/<name>/keys/<int:key_id>")
+def revoke_key(name: str, key_id: int):
+    """Revoke a key: the proxy refuses it from now on."""
+    endpoint = get_endpoint(name)
+    key = db.session.get(ApiKey, key_id)
+    if key is None or key.endpoint_id != endpoint.id or key.revoked_at is not None:
+        return error(404, f"endpoint {name!r} has no active key with id {key_id}")
+    api_keys.revoke_key(db.session, key)
+    db.session.commit()
+    return {"revoked": key_id}

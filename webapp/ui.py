@@ -1,0 +1,280 @@
+"""Server-rendered UI: endpoint list, create (form -> review -> confirm), detail, edit, actions, keys."""
+from __future__ import annotations
+
+from flask import Blueprint, flash, redirect, render_template, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from webapp import api_keys
+from webapp.drafts import drop_draft, load_draft, save_draft
+from webapp.extensions import bridge, db, gpu_inventory, settings
+from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
+from webapp.spec import spec_of, validate_spec
+from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
+from webapp.views_common import (
+    SECRET_MASK,
+    action_refusal,
+    create_endpoint_row,
+    endpoint_url,
+    get_endpoint,
+    iso,
+    notify_spec_changed,
+    perform_action,
+    previous_still_finishing,
+    recent_events,
+    update_endpoint_row,
+)
+from workflows.contracts import ERR_REPLICA_QUOTA
+
+bp = Blueprint("ui", __name__)
+UI_ACTIONS = ("stop", "restart", "wake", "scale-out")
+# The UI does not hold a page for a whole cold start: scale-out keeps going in the workflow.
+UI_UPDATE_WAIT_SECONDS = 15.0
+
+
+@bp.app_template_filter("when")
+def when_filter(value) -> str:
+    text = iso(value)
+    return text.replace("T", " ")[:19] + " UTC" if text else "—"
+
+
+@bp.app_context_processor
+def template_globals():
+    return {"SECRET_MASK": SECRET_MASK}
+
+
+def _validate(form: EndpointForm, existing: Endpoint | None, previous_env=None):
+    data, form_errors = form.to_spec(editing=existing is not None)
+    clean, errors = validate_spec(
+        data, existing=existing, inventory=gpu_inventory(), settings=settings(),
+        session=db.session, previous_env=previous_env,
+    )
+    errors = {**errors, **form_errors}
+    return clean, errors
+
+
+def _temporal_message(exc: WorkflowActionError) -> str:
+    if exc.type == ERR_REPLICA_QUOTA:
+        return "Scale-out refused: the endpoint already runs its maximum number of instances."
+    return f"The endpoint's workflow refused: {exc}"
+
+
+@bp.get("/")
+def index():
+    """Home: the endpoint list."""
+    return redirect(url_for("ui.list_endpoints"))
+
+
+@bp.get("/endpoints")
+def list_endpoints():
+    """All endpoints with live status badges."""
+    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name)).all()
+    return render_template("endpoints.html", endpoints=endpoints)
+
+
+@bp.route("/endpoints/new", methods=["GET", "POST"])
+def new_endpoint():
+    """Create form; a valid submit shows the review page, nothing is created yet."""
+    form = EndpointForm()
+    if request.method == "GET":
+        return render_template("form.html", form=form, editing=None, general=[])
+    draft = load_draft(settings().data_dir, form.draft.data)
+    clean, errors = _validate(form, None, previous_env=(draft or {}).get("env"))
+    if errors:
+        general = form.apply_spec_errors(errors)
+        return render_template("form.html", form=form, editing=None, general=general), 400
+    if draft is not None:
+        drop_draft(settings().data_dir, form.draft.data)
+    token = save_draft(settings().data_dir, clean)
+    return render_template("review.html", spec=clean, confirm=ConfirmForm(draft=token), draft=token)
+
+
+@bp.post("/endpoints/new/back")
+def back_to_form():
+    """From the review page back to the prefilled form (secrets stay on the server)."""
+    confirm = ConfirmForm()
+    draft = load_draft(settings().data_dir, confirm.draft.data)
+    if draft is None:
+        flash("That draft has expired; please fill the form again.", "error")
+        return redirect(url_for("ui.new_endpoint"))
+    form = EndpointForm(formdata=None)
+    form.fill_from_spec(draft)
+    form.draft.data = confirm.draft.data
+    return render_template("form.html", form=form, editing=None, general=[])
+
+
+@bp.post("/endpoints/new/confirm")
+def confirm_endpoint():
+    """Create the reviewed endpoint and start its workflow."""
+    confirm = ConfirmForm()
+    token = confirm.draft.data
+    draft = load_draft(settings().data_dir, token)
+    if draft is None:
+        flash("That draft has expired; please fill the form again.", "error")
+        return redirect(url_for("ui.new_endpoint"))
+    # Checked again: another endpoint may have taken the name, or a GPU check changed.
+    clean, errors = validate_spec(
+        draft, existing=None, inventory=gpu_inventory(), settings=settings(), session=db.session, previous_env=draft["env"]
+    )
+    if errors:
+        form = EndpointForm(formdata=None)
+        form.fill_from_spec(draft)
+        form.draft.data = token
+        general = form.apply_spec_errors(errors)
+        return render_template("form.html", form=form, editing=None, general=general), 400
+    try:
+        blocker = previous_still_finishing(clean["name"])
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        blocker = str(exc)
+    if blocker:
+        return render_template("review.html", spec=clean, confirm=ConfirmForm(draft=token), draft=token,
+                               problem=blocker), 409
+    try:
+        endpoint = create_endpoint_row(clean)
+    except IntegrityError:
+        db.session.rollback()
+        flash(f"The name {clean['name']} is taken by another endpoint; choose another name.", "error")
+        return redirect(url_for("ui.new_endpoint"))
+    drop_draft(settings().data_dir, token)
+    try:
+        bridge().start_endpoint(endpoint.name)
+        flash(f"Endpoint {endpoint.name} created.", "ok")
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        flash(f"Endpoint {endpoint.name} saved, but its workflow did not start: {exc}. "
+              "Use restart once Temporal is back.", "error")
+    return redirect(url_for("ui.show_endpoint", name=endpoint.name))
+
+
+def _detail_context(endpoint: Endpoint) -> dict:
+    keys = api_keys.active_keys(db.session, endpoint)
+    return {
+        "endpoint": endpoint,
+        "events": recent_events(endpoint, limit=100),
+        "url": endpoint_url(endpoint),
+        "keys": keys,
+        "actions": [a for a in UI_ACTIONS if action_refusal(endpoint, a) is None],
+        "can_terminate": endpoint.status != TERMINATED,
+        "action_form": ActionForm(),
+        "key_form": ApiKeyForm(),
+        "usage": sum(i.gpu_seconds or 0.0 for i in endpoint.instances),
+    }
+
+
+@bp.get("/endpoints/<name>")
+def show_endpoint(name: str):
+    """Detail page: status, instances, events, connect panel, logs, keys."""
+    return render_template("detail.html", **_detail_context(get_endpoint(name)))
+
+
+@bp.get("/endpoints/<name>/panel")
+def endpoint_panel(name: str):
+    """The live part of the detail page (status, instances, events), polled by the page."""
+    return render_template("_panel.html", **_detail_context(get_endpoint(name)))
+
+
+@bp.route("/endpoints/<name>/edit", methods=["GET", "POST"])
+def edit_endpoint(name: str):
+    """Edit the mutable spec fields; the workflow is told with a spec_changed signal."""
+    endpoint = get_endpoint(name)
+    if endpoint.status in (TERMINATED, FAILED):
+        flash(action_refusal(endpoint, "edit") or "This endpoint cannot be edited.", "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    form = EndpointForm()
+    if request.method == "GET":
+        form = EndpointForm(formdata=None)
+        form.fill_from_spec(spec_of(endpoint))
+        return render_template("form.html", form=form, editing=endpoint, general=[])
+    clean, errors = _validate(form, endpoint)
+    if errors:
+        general = form.apply_spec_errors(errors)
+        form.name.data, form.disk_gb.data = endpoint.name, str(endpoint.disk_gb)
+        return render_template("form.html", form=form, editing=endpoint, general=general), 400
+    changed = update_endpoint_row(endpoint, clean)
+    if not changed:
+        flash("Nothing changed.", "ok")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    try:
+        notify_spec_changed(endpoint, changed)
+        flash(f"Saved: {', '.join(changed)}.", "ok")
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        flash(f"Saved ({', '.join(changed)}), but the workflow was not told: {exc}.", "error")
+    return redirect(url_for("ui.show_endpoint", name=name))
+
+
+@bp.post("/endpoints/<name>/action/<action>")
+def endpoint_action(name: str, action: str):
+    """stop, restart, wake, scale-out buttons."""
+    endpoint = get_endpoint(name)
+    if action not in UI_ACTIONS:
+        flash(f"Unknown action {action}.", "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    refusal = action_refusal(endpoint, action)
+    if refusal:
+        flash(refusal[0].upper() + refusal[1:] + ".", "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    try:
+        result = perform_action(endpoint, action, timeout=UI_UPDATE_WAIT_SECONDS)
+        if action == "scale-out":
+            flash(f"New instance {result['instance_id']} is ready.", "ok")
+        else:
+            flash(f"{action.capitalize()} requested.", "ok")
+    except WorkflowActionError as exc:
+        if exc.type == "Timeout":
+            flash("Scale-out accepted; the new instance is still starting.", "ok")
+        else:
+            flash(_temporal_message(exc), "error")
+    except TemporalUnavailable as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("ui.show_endpoint", name=name))
+
+
+@bp.route("/endpoints/<name>/terminate", methods=["GET", "POST"])
+def terminate_endpoint(name: str):
+    """Confirmation step: type the name to terminate (purges everything now)."""
+    endpoint = get_endpoint(name)
+    form = TerminateForm()
+    if request.method == "POST":
+        if (form.confirm_name.data or "").strip() != endpoint.name:
+            form.confirm_name.errors = [f"Type {endpoint.name} exactly to confirm."]
+            return render_template("terminate.html", endpoint=endpoint, form=form), 400
+        refusal = action_refusal(endpoint, "terminate")
+        if refusal:
+            flash(refusal, "error")
+            return redirect(url_for("ui.show_endpoint", name=name))
+        try:
+            perform_action(endpoint, "terminate")
+            flash(f"Terminating {endpoint.name}.", "ok")
+        except (TemporalUnavailable, WorkflowActionError) as exc:
+            flash(str(exc), "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    return render_template("terminate.html", endpoint=endpoint, form=form)
+
+
+@bp.post("/endpoints/<name>/keys")
+def create_key(name: str):
+    """Create an API key and show it once (rendered, never stored in the session)."""
+    endpoint = get_endpoint(name)
+    form = ApiKeyForm()
+    key_name, problem = api_keys.validate_key_name(form.key_name.data)
+    if problem or endpoint.status == TERMINATED:
+        flash(problem or "This endpoint is terminated.", "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    row, plaintext = api_keys.create_key(db.session, endpoint, key_name)
+    db.session.commit()
+    return render_template("key_created.html", endpoint=endpoint, key=row, plaintext=plaintext, url=endpoint_url(endpoint))
+
+
+@bp.post("/endpoints/<name>/keys/<int:key_id>/revoke")
+def revoke_key(name: str, key_id: int):
+    """Revoke a key."""
+    endpoint = get_endpoint(name)
+    ActionForm()  # CSRF checked by CSRFProtect before the view runs
+    key = db.session.get(ApiKey, key_id)
+    if key is None or key.endpoint_id != endpoint.id or key.revoked_at is not None:
+        flash("No such active key.", "error")
+    else:
+        api_keys.revoke_key(db.session, key)
+        db.session.commit()
+        flash(f"Key {key.prefix}… revoked.", "ok")
+    return redirect(url_for("ui.show_endpoint", name=name))

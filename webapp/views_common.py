@@ -1,0 +1,267 @@
+"""What the UI and the JSON API share: endpoint lookup, JSON shapes, lifecycle actions, logs."""
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import abort
+from sqlalchemy import select
+
+from common.models import (
+    FAILED,
+    STOPPED,
+    STOPPING,
+    TERMINATED,
+    Endpoint,
+    Event,
+    Instance,
+)
+from webapp.extensions import bridge, db, settings
+from webapp.spec import SPEC_FIELDS
+from workflows.contracts import (
+    SIGNAL_RESTART,
+    SIGNAL_STOP,
+    SIGNAL_TERMINATE,
+    SIGNAL_WAKE,
+    UPDATE_SCALE_OUT,
+    UPDATE_WAKE,
+    ActionRequest,
+    ScaleOutRequest,
+    WakeRequest,
+)
+
+ACTIONS = ("stop", "restart", "terminate", "wake", "scale-out")
+_SIGNALS = {"stop": SIGNAL_STOP, "restart": SIGNAL_RESTART, "terminate": SIGNAL_TERMINATE, "wake": SIGNAL_WAKE}
+SECRET_MASK = "••••"
+MAX_LOG_LINES = 5000
+
+
+def get_endpoint(name: str) -> Endpoint:
+    endpoint = db.session.scalar(select(Endpoint).where(Endpoint.name == name))
+    if endpoint is None:
+        abort(404, description=f"no endpoint named {name!r}")
+    return endpoint
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    # SQLite returns naive datetimes; every timestamp we store is UTC.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def endpoint_url(endpoint: Endpoint) -> str:
+    return f"{settings().proxy_url.rstrip('/')}/e/{endpoint.name}/"
+
+
+def public_env(env: list[dict]) -> list[dict]:
+    """Env entries as shown to users: secret values never leave the server."""
+    return [
+        {"key": item["key"], "value": None if item.get("secret") else item.get("value", ""), "secret": bool(item.get("secret"))}
+        for item in env or []
+    ]
+
+
+def instance_json(instance: Instance) -> dict:
+    return {
+        "id": instance.id,
+        "status": instance.status,
+        "host": instance.host,
+        "address": instance.address,
+        "gpus": list(instance.gpus or []),
+        "gpu_type": instance.gpu_type,
+        "created_at": iso(instance.created_at),
+        "started_at": iso(instance.started_at),
+        "ready_at": iso(instance.ready_at),
+        "stopped_at": iso(instance.stopped_at),
+        "gpu_seconds": round(instance.gpu_seconds or 0.0, 3),
+        "queue_position": instance.queue_position,
+        "reason": instance.reason,
+    }
+
+
+def endpoint_json(endpoint: Endpoint, with_instances: bool = True) -> dict:
+    body: dict[str, Any] = {field: getattr(endpoint, field) for field in SPEC_FIELDS}
+    body["env"] = public_env(endpoint.env)
+    body.update(
+        status=endpoint.status,
+        status_reason=endpoint.status_reason,
+        queue_position=endpoint.queue_position,
+        url=endpoint_url(endpoint),
+        created_at=iso(endpoint.created_at),
+        spec_updated_at=iso(endpoint.spec_updated_at),
+        stopped_at=iso(endpoint.stopped_at),
+        purge_at=iso(endpoint.purge_at),
+        workflow_id=endpoint.workflow_id,
+        has_api_keys=any(key.revoked_at is None for key in endpoint.api_keys),
+        usage={"gpu_seconds": round(sum(i.gpu_seconds or 0.0 for i in endpoint.instances), 3)},
+    )
+    if with_instances:
+        body["instances"] = [instance_json(i) for i in endpoint.instances]
+    return body
+
+
+def recent_events(endpoint: Endpoint, limit: int = 200) -> list[Event]:
+    return list(
+        db.session.scalars(
+            select(Event).where(Event.endpoint_id == endpoint.id).order_by(Event.at.desc(), Event.id.desc()).limit(limit)
+        )
+    )
+
+
+def event_json(event: Event) -> dict:
+    return {"at": iso(event.at), "kind": event.kind, "instance_id": event.instance_id, "message": event.message}
+
+
+# ---- lifecycle actions ----
+
+
+def action_refusal(endpoint: Endpoint, action: str) -> str | None:
+    """Why `action` is not allowed in the endpoint's current state, or None when it is."""
+    status = endpoint.status
+    if status == TERMINATED:
+        return f"endpoint {endpoint.name!r} is terminated; create it again to use the name"
+    if status == FAILED and action != "terminate":
+        reason = f" ({endpoint.status_reason})" if endpoint.status_reason else ""
+        return f"endpoint {endpoint.name!r} failed{reason}; a failed endpoint can only be terminated"
+    if action == "stop" and status in (STOPPED, STOPPING):
+        return f"endpoint {endpoint.name!r} is already {status}"
+    if action in ("wake", "scale-out") and status in (STOPPED, STOPPING):
+        return f"endpoint {endpoint.name!r} is {status} and will not wake; restart it first"
+    return None
+
+
+def _update_timeout(endpoint: Endpoint) -> float:
+    # Covers GPU queueing plus deploy and start; the workflow enforces the startup timeout itself.
+    return float(endpoint.startup_timeout_seconds) + 30.0
+
+
+def perform_action(endpoint: Endpoint, action: str, wait: bool = False, timeout: float | None = None) -> dict:
+    """Send the action to the endpoint's workflow. Raises TemporalUnavailable / WorkflowActionError.
+
+    wake without `wait` and stop/restart/terminate are signals (fire and forget); scale-out and
+    wake with `wait` are updates that return once an instance is ready.
+    """
+    request_id = uuid.uuid4().hex
+    timeout = timeout if timeout is not None else _update_timeout(endpoint)
+    if action == "scale-out":
+        result = bridge().update(endpoint.name, UPDATE_SCALE_OUT, ScaleOutRequest(request_id=request_id), timeout)
+        return {"instance_id": _field(result, "instance_id"), "address": _field(result, "address")}
+    if action == "wake" and wait:
+        result = bridge().update(endpoint.name, UPDATE_WAKE, WakeRequest(request_id=request_id), timeout)
+        return {
+            "instance_id": _field(result, "instance_id"),
+            "address": _field(result, "address"),
+            "cold_start": _field(result, "cold_start"),
+        }
+    bridge().signal(endpoint.name, _SIGNALS[action], ActionRequest(reason=f"{action} requested from the web app", request_id=request_id))
+    return {"accepted": True, "request_id": request_id}
+
+
+def _field(result: Any, name: str) -> Any:
+    if isinstance(result, dict):
+        return result.get(name)
+    return getattr(result, name, None)
+
+
+# ---- logs ----
+
+
+def tail_lines(path: str, count: int) -> list[str]:
+    """The last `count` lines of a file, oldest first, reading backwards from the end."""
+    if count <= 0 or not path or not os.path.isfile(path):
+        return []
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        data = b""
+        while position > 0 and data.count(b"\n") <= count:
+            step = min(65536, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[-count:]
+
+
+def parse_line_count(raw: str | None, default: int = 200) -> int:
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"lines must be a whole number between 1 and {MAX_LOG_LINES}, got {raw!r}") from None
+    if not 1 <= value <= MAX_LOG_LINES:
+        raise ValueError(f"lines must be between 1 and {MAX_LOG_LINES}, got {value}")
+    return value
+
+
+def endpoint_logs(endpoint: Endpoint, instance_id: str | None, count: int) -> list[dict]:
+    """Log lines newest first: the newest instance's lines first, at most `count` in all."""
+    instances = [i for i in endpoint.instances if instance_id in (None, "", i.id)]
+    instances.sort(key=lambda i: (iso(i.created_at) or "", i.id), reverse=True)
+    lines: list[dict] = []
+    for instance in instances:
+        remaining = count - len(lines)
+        if remaining <= 0:
+            break
+        for line in reversed(tail_lines(instance.log_path, remaining)):
+            lines.append({"instance_id": instance.id, "line": line})
+    return lines
+
+
+# ---- spec writes (the only endpoint columns the web app writes) ----
+
+
+def previous_still_finishing(name: str) -> str | None:
+    """A message when a terminated endpoint of this name still has its workflow open.
+
+    Its workflow id is the new endpoint's id too; creating now would attach the new row to
+    the old, finishing workflow. Raises TemporalUnavailable when that cannot be checked.
+    """
+    tombstone = db.session.scalar(select(Endpoint).where(Endpoint.name == name))
+    if tombstone is None or tombstone.status != TERMINATED:
+        return None
+    if bridge().is_running(name):
+        return f"the terminated endpoint {name!r} is still being purged; try again in a few seconds"
+    return None
+
+
+def create_endpoint_row(clean: dict) -> Endpoint:
+    """Insert the endpoint; a terminated row with the same name is a tombstone and is replaced."""
+    tombstone = db.session.scalar(select(Endpoint).where(Endpoint.name == clean["name"]))
+    if tombstone is not None:
+        db.session.delete(tombstone)
+        db.session.flush()
+    endpoint = Endpoint(**clean)
+    db.session.add(endpoint)
+    db.session.commit()
+    return endpoint
+
+
+def update_endpoint_row(endpoint: Endpoint, clean: dict) -> list[str]:
+    """Write changed spec fields; returns their names."""
+    from common.models import utcnow
+
+    changed = []
+    for field, value in clean.items():
+        if field in ("name", "disk_gb"):
+            continue
+        if getattr(endpoint, field) != value:
+            setattr(endpoint, field, value)
+            changed.append(field)
+    if changed:
+        endpoint.spec_updated_at = utcnow()
+    db.session.commit()
+    return changed
+
+
+def notify_spec_changed(endpoint: Endpoint, changed: list[str]) -> None:
+    from workflows.contracts import SIGNAL_SPEC_CHANGED
+
+    reason = "spec changed: " + ", ".join(changed)
+    bridge().signal(endpoint.name, SIGNAL_SPEC_CHANGED, ActionRequest(reason=reason, request_id=uuid.uuid4().hex))
