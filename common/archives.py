@@ -14,7 +14,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 _COPY_CHUNK = 1024 * 1024
@@ -146,7 +146,8 @@ def inspect_archive(path: Path, kind: str, max_unpacked_bytes: int) -> ArchiveIn
     return ArchiveInfo(kind=kind, members=len(members), unpacked_bytes=unpacked)
 
 
-def extract_archive(path: Path, kind: str, target: Path, max_unpacked_bytes: int) -> ArchiveInfo:
+def extract_archive(path: Path, kind: str, target: Path, max_unpacked_bytes: int,
+                    on_member: Callable[[str], None] | None = None) -> ArchiveInfo:
     """Extract into `target` after `inspect_archive`, writing member by member under our control
     (no tarfile.extractall): only regular files and folders, never outside `target`, and never
     more bytes than the limit even if the headers lied about sizes."""
@@ -157,6 +158,8 @@ def extract_archive(path: Path, kind: str, target: Path, max_unpacked_bytes: int
     with _open(path, kind) as archive:
         members = _tar_members(archive) if kind == "tar.gz" else _zip_members(archive)
         for rel, member in members:
+            if on_member is not None:
+                on_member(str(rel))
             dest = (target / rel).resolve()
             if dest != target and target not in dest.parents:
                 raise ArchiveError(f"archive member {rel} escapes the target directory")

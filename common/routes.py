@@ -12,18 +12,28 @@ bodies with `check_request`, so a bad body gets the same 400 wherever it is caug
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import keyword
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from common.route_values import (
+    PARAM_TYPES,
+    TYPE_WORDS,
+    InvalidValue,
+    check_value,
+    coerce,
+    describe,
+    from_query_string,
+    is_number,
+    is_required,
+    sample_value,
+)
+
 METHODS = ("POST", "GET")
 CALL_STYLES = ("keyword", "positional")
-PARAM_TYPES = ("str", "int", "float", "bool", "list", "dict", "bytes")
 # The runtime answers the health check itself; a route there would never be reached.
 RESERVED_PATHS = ("/ping",)
 
@@ -35,42 +45,10 @@ _SIZED = ("str", "list", "bytes")
 _CHOOSABLE = ("str", "int", "float", "bool")
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 _FILE_PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_TYPE_WORDS = {"str": "a string", "int": "a whole number", "float": "a number",
-               "bool": "true or false", "list": "a JSON array", "dict": "a JSON object",
-               "bytes": "a base64-encoded string"}
 
 
 def _is_identifier(name: Any) -> bool:
     return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "a whole number"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def is_required(param: dict) -> bool:
-    """A parameter is required unless it says otherwise or carries a default."""
-    if "required" in param:
-        return bool(param["required"])
-    return "default" not in param
 
 
 def call_style(route: dict) -> str:
@@ -79,67 +57,6 @@ def call_style(route: dict) -> str:
 
 def route_method(route: dict) -> str:
     return str(route.get("method") or "POST").upper()
-
-
-# ---------------------------------------------------------------------------------------------
-# Values: type coercion and constraints (shared by defaults and request fields)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Invalid(Exception):
-    pass
-
-
-def coerce(param: dict, value: Any) -> Any:
-    """Type-check a JSON value for `param`, returning the value the function receives."""
-    kind = param.get("type", "str")
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"must be {_TYPE_WORDS['int']}, got {_describe(value)}")
-        return value
-    if kind == "float":
-        if not _is_number(value):
-            raise _Invalid(f"must be {_TYPE_WORDS['float']}, got {_describe(value)}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _Invalid("must be a finite number")
-        return float(value)
-    if kind == "bytes":
-        if not isinstance(value, str):
-            raise _Invalid(f"must be {_TYPE_WORDS['bytes']}, got {_describe(value)}")
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _Invalid("must be a base64-encoded string (it could not be decoded)") from None
-    expected = {"str": str, "bool": bool, "list": list, "dict": dict}[kind]
-    if not isinstance(value, expected):
-        raise _Invalid(f"must be {_TYPE_WORDS[kind]}, got {_describe(value)}")
-    return value
-
-
-def check_constraints(param: dict, value: Any) -> None:
-    """Raise _Invalid with a message saying which bound the (coerced) value breaks."""
-    if "ge" in param and param["ge"] is not None and value < param["ge"]:
-        raise _Invalid(f"must be greater than or equal to {param['ge']}")
-    if "le" in param and param["le"] is not None and value > param["le"]:
-        raise _Invalid(f"must be less than or equal to {param['le']}")
-    unit = "bytes" if param.get("type") == "bytes" else (
-        "characters" if param.get("type") == "str" else "items")
-    if param.get("min_length") is not None and len(value) < param["min_length"]:
-        raise _Invalid(f"must have at least {param['min_length']} {unit}")
-    if param.get("max_length") is not None and len(value) > param["max_length"]:
-        raise _Invalid(f"must have at most {param['max_length']} {unit}")
-    if param.get("choices") is not None and value not in param["choices"]:
-        raise _Invalid(f"must be one of {json.dumps(param['choices'])}")
-    if param.get("regex") is not None and not re.fullmatch(param["regex"], value):
-        raise _Invalid(f"must match the pattern {param['regex']!r}")
-
-
-def _check_value(param: dict, value: Any) -> Any:
-    if value is None and not is_required(param) and param.get("default", None) is None:
-        return None  # an optional parameter whose default is null also accepts null
-    value = coerce(param, value)
-    check_constraints(param, value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,9 +87,9 @@ def _constraint_errors(param: dict, prefix: str) -> dict[str, str]:
             continue
         if kind not in _NUMERIC:
             errors[f"{prefix}.{bound}"] = f"{bound} applies to int and float parameters only"
-        elif not _is_number(param[bound]):
+        elif not is_number(param[bound]):
             errors[f"{prefix}.{bound}"] = f"{bound} must be a number"
-    if (_is_number(param.get("ge")) and _is_number(param.get("le"))
+    if (is_number(param.get("ge")) and is_number(param.get("le"))
             and param["ge"] > param["le"] and kind in _NUMERIC):
         errors[f"{prefix}.le"] = "le must be greater than or equal to ge"
     for bound in ("min_length", "max_length"):
@@ -205,7 +122,7 @@ def _constraint_errors(param: dict, prefix: str) -> dict[str, str]:
             for choice in choices:
                 try:
                     coerce(param, choice)
-                except _Invalid as exc:
+                except InvalidValue as exc:
                     errors[f"{prefix}.choices"] = f"every choice {exc} (bad choice: {choice!r})"
                     break
     return errors
@@ -230,8 +147,8 @@ def _param_errors(param: Any, prefix: str, positional: bool) -> dict[str, str]:
         errors[f"{prefix}.default"] = "a required parameter takes no default: remove it or set required to false"
     elif "default" in param and not any(key.startswith(f"{prefix}.") for key in errors):
         try:
-            _check_value({**param, "required": False}, param["default"])
-        except _Invalid as exc:
+            check_value({**param, "required": False}, param["default"])
+        except InvalidValue as exc:
             errors[f"{prefix}.default"] = f"the default {exc}"
     if positional and not is_required(param) and "default" not in param:
         errors[f"{prefix}.default"] = ("an optional parameter of a positional call needs a default "
@@ -361,41 +278,6 @@ def _field_error(name: str, message: str) -> dict:
     return {"field": name, "message": message}
 
 
-def _from_query_string(param: dict, raw: list[str]) -> Any:
-    """Turn query-string text into the JSON value a POST body would have carried."""
-    kind = param.get("type", "str")
-    if kind == "list" and len(raw) > 1:
-        return raw
-    if len(raw) > 1:
-        raise _Invalid("was given more than once")
-    text = raw[0]
-    if kind in ("str", "bytes"):
-        return text
-    if kind == "int":
-        try:
-            return int(text)
-        except ValueError:
-            raise _Invalid(f"must be {_TYPE_WORDS['int']}, got {text!r}") from None
-    if kind == "float":
-        try:
-            return float(text)
-        except ValueError:
-            raise _Invalid(f"must be {_TYPE_WORDS['float']}, got {text!r}") from None
-    if kind == "bool":
-        lowered = text.lower()
-        if lowered in ("true", "1", "yes", "on"):
-            return True
-        if lowered in ("false", "0", "no", "off"):
-            return False
-        raise _Invalid(f"must be true or false, got {text!r}")
-    try:
-        return json.loads(text)
-    except ValueError:
-        if kind == "list":
-            return [text]  # a single ?tag=a
-        raise _Invalid(f"must be {_TYPE_WORDS[kind]} written as JSON") from None
-
-
 def _body_fields(body: bytes, content_type: str | None) -> tuple[dict | None, str]:
     if not body or not body.strip():
         return {}, ""
@@ -407,7 +289,7 @@ def _body_fields(body: bytes, content_type: str | None) -> tuple[dict | None, st
             hint = f" (got Content-Type {content_type.split(';')[0]}; send application/json)"
         return None, f"the body must be a JSON object{hint}"
     if not isinstance(data, dict):
-        return None, f"the body must be a JSON object, got {_describe(data)}"
+        return None, f"the body must be a JSON object, got {describe(data)}"
     return data, ""
 
 
@@ -456,7 +338,7 @@ def check_request(routes: list[dict], method: str, path: str, body: bytes = b"",
         name = param.get("name")
         if name not in raw_fields:
             if is_required(param):
-                errors.append(_field_error(name, f"is required ({_TYPE_WORDS.get(param.get('type'), 'a value')})"))
+                errors.append(_field_error(name, f"is required ({TYPE_WORDS.get(param.get('type'), 'a value')})"))
             elif "default" in param:
                 args[name] = json.loads(json.dumps(param["default"]))  # a fresh copy per call
                 if param.get("type") == "bytes" and args[name] is not None:
@@ -465,12 +347,29 @@ def check_request(routes: list[dict], method: str, path: str, body: bytes = b"",
         try:
             value = raw_fields[name]
             if route_method(route) == "GET":
-                value = _from_query_string(param, value)
-            args[name] = _check_value(param, value)
-        except _Invalid as exc:
+                value = from_query_string(param, value)
+            args[name] = check_value(param, value)
+        except InvalidValue as exc:
             errors.append(_field_error(name, str(exc)))
         except (re.error, TypeError) as exc:  # a template that skipped validate_routes
             errors.append(_field_error(name, f"cannot be checked: {exc}"))
     if errors:
         return RouteCheck(400, errors, route=route)
     return RouteCheck(200, route=route, args=args)
+
+
+def example_request(route: dict, base_url: str) -> dict:
+    """A sample call of a route for the UI's connect panel: {"method", "url", "body", "curl"}."""
+    import shlex
+    from urllib.parse import urlencode
+
+    sample = {p["name"]: sample_value(p) for p in route.get("params") or [] if is_required(p)}
+    url = base_url.rstrip("/") + route.get("path", "/")
+    method = route_method(route)
+    if method == "GET":
+        query = urlencode({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in sample.items()})
+        url = f"{url}?{query}" if query else url
+        return {"method": "GET", "url": url, "body": None, "curl": f"curl {shlex.quote(url)}"}
+    body = json.dumps(sample)
+    return {"method": method, "url": url, "body": sample,
+            "curl": f"curl -X {method} -H 'Content-Type: application/json' -d {shlex.quote(body)} {shlex.quote(url)}"}

@@ -190,16 +190,18 @@ class StandbyActivities:
             source_kind, source_dir = e.source_kind, e.source_dir
             start_command, image, port = e.start_command, e.image, e.port
             cpu, mem, disk = e.cpu_cores, e.memory_gb, e.disk_gb
-            routes_source = _routes_source(e) if source_kind == "routes" else None
+            routes_source = _routes_source(session, e) if source_kind == "routes" else None
         activity.heartbeat("preparing workdir")
         log_path = str(log_path_for(self.settings, inp.instance_id))
         append_log(log_path, f"provisioning instance {inp.instance_id} of {inp.endpoint} "
                              f"(generation {inp.generation}, GPUs {inp.gpus or 'none'})")
         try:
-            workdir = prepare_workdir(self.settings, inp.instance_id, source_dir or None if source_kind == "server"
-                                      else None)
+            workdir = prepare_workdir(self.settings, inp.instance_id,
+                                      (source_dir or None) if source_kind == "server" else None)
             if routes_source is not None:
-                start_command = _prepare_routes(self.settings, routes_source, workdir, log_path)
+                start_command, commit = _prepare_routes(self.settings, routes_source, workdir, log_path)
+                if commit and routes_source.get("version_id"):
+                    self._record_commit(routes_source["version_id"], commit)
         except (OSError, ValueError) as err:
             append_log(log_path, f"source preparation failed: {err}")
             raise ApplicationError(str(err), type="SourceError", non_retryable=True) from err
@@ -212,6 +214,14 @@ class StandbyActivities:
         append_log(log_path, f"started on {launched.host} at {launched.address} (pid {launched.pid})")
         return ProvisionResult(host=launched.host, address=launched.address, port=launched.port, pid=launched.pid,
                                container_id=launched.container_id, workdir=str(workdir), log_path=log_path)
+
+    def _record_commit(self, version_id: int, commit: str) -> None:
+        from common.models import ModelVersion
+
+        with self.db.session() as session:
+            version = session.get(ModelVersion, version_id)
+            if version is not None and version.resolved_commit != commit:
+                version.resolved_commit = commit
 
     @activity.defn
     def wait_ready(self, inp: WaitReadyInput) -> ReadyResult:
@@ -311,18 +321,33 @@ class StandbyActivities:
             session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
 
 
-def _routes_source(endpoint: Endpoint):
-    """Snapshot of a routes endpoint's source, read inside the session (issue 4)."""
-    version = None
+def _routes_source(session, endpoint: Endpoint) -> dict:
+    """Snapshot of a routes endpoint's source, copied out while the session is open (issue 4)."""
+    from common.models import ModelVersion
+    from workers.sources import source_snapshot
+
     if endpoint.model_version_id is not None:
-        from common.models import ModelVersion
+        version = session.get(ModelVersion, endpoint.model_version_id)
+        if version is None:
+            raise ApplicationError(f"model version {endpoint.model_version_id} no longer exists",
+                                   type="SourceError", non_retryable=True)
+        snap = source_snapshot(version)
+        snap["version_id"] = version.id
+    else:
+        snap = {"kind": "git", "git_url": endpoint.git_url, "git_ref": endpoint.git_ref}
+    snap["routes"] = list(endpoint.routes or [])
+    return snap
 
-        v = endpoint.model_version_id
-        version = v
-    return {"routes": list(endpoint.routes or []), "model_version_id": version,
-            "git_url": endpoint.git_url, "git_ref": endpoint.git_ref, "endpoint": endpoint.name}
 
+def _prepare_routes(settings: Settings, source: dict, workdir, log_path: str) -> tuple[str, str]:
+    """Populate a routes endpoint's workdir; return the built-in runtime's start command and the
+    resolved git commit (empty for archives)."""
+    import sys
 
-def _prepare_routes(settings: Settings, source: dict, workdir, log_path: str) -> str:
-    """Populate a routes endpoint's workdir and return the built-in runtime's start command."""
-    raise ValueError("routes sources are not available yet")
+    from runtime.launch import build_start
+    from workers.sources import populate_routes_source
+
+    info = populate_routes_source(settings, source, workdir, heartbeat=lambda detail: activity.heartbeat(detail))
+    if info.resolved_commit:
+        append_log(log_path, f"cloned {info.git_url} at {info.git_ref} = commit {info.resolved_commit}")
+    return build_start(source["routes"], workdir, python=sys.executable), info.resolved_commit

@@ -14,8 +14,8 @@ import urllib3
 
 # Shared by every probe of this worker: keep-alive connections to instances are reused.
 _POOL = urllib3.PoolManager(num_pools=64, maxsize=4, retries=False)
-_FIRST_DELAY = 0.05
-_BACKOFF = 1.5
+_FIRST_DELAY = 0.01
+_BACKOFF = 1.3
 # One probe never waits longer than this, so a hung server cannot stall heartbeats.
 MAX_PROBE_TIMEOUT = 5.0
 

@@ -58,6 +58,8 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRequest,
     )
 
+# Database writes run as local activities: no task-queue round trip, so a wake costs tens of
+# milliseconds less per step. They are idempotent, so a re-run after a worker crash is harmless.
 DB_WRITE = dict(
     start_to_close_timeout=timedelta(seconds=30),
     retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)),
@@ -108,7 +110,7 @@ class EndpointWorkflow:
     @workflow.run
     async def run(self, inp: EndpointInput) -> str:
         if self.state is None:
-            spec: LifecycleSpec = await workflow.execute_activity(
+            spec: LifecycleSpec = await workflow.execute_local_activity(
                 "load_lifecycle_spec", LoadSpecInput(self.name), result_type=LifecycleSpec, **DB_WRITE)
             if not spec.exists:
                 workflow.logger.warning("endpoint %s has no spec row; nothing to manage", self.name)
@@ -151,7 +153,7 @@ class EndpointWorkflow:
         now = self._now()
         if state.spec_reload_pending:
             state.spec_reload_pending = False
-            spec = await workflow.execute_activity(
+            spec = await workflow.execute_local_activity(
                 "load_lifecycle_spec", LoadSpecInput(self.name), result_type=LifecycleSpec, **DB_WRITE)
             if spec.exists:
                 state.spec = spec
@@ -231,7 +233,7 @@ class EndpointWorkflow:
             if view.status == I_DRAINING and not view.release_sent:
                 view.status = I_READY
                 view.draining_since = None
-                await workflow.execute_activity(
+                await workflow.execute_local_activity(
                     "record_instance", InstanceRecord(self.name, view.id, I_READY, event_kind="instance_undrained",
                                                       event_message=f"instance {view.id} kept: demand returned"),
                     **DB_WRITE)
@@ -242,7 +244,7 @@ class EndpointWorkflow:
         view.status = I_DRAINING
         view.draining_since = self._now()
         # The proxy stops routing to it once its view refreshes; the drain grace covers that.
-        await workflow.execute_activity(
+        await workflow.execute_local_activity(
             "record_instance", InstanceRecord(self.name, view.id, I_DRAINING, event_kind="instance_draining",
                                               event_message=f"instance {view.id} idle for "
                                                             f"{self.state.spec.idle_retention_seconds}s: draining"),
@@ -270,14 +272,14 @@ class EndpointWorkflow:
         if status == state.published_status and reason == state.published_reason:
             return
         state.published_status, state.published_reason = status, reason
-        await workflow.execute_activity(
+        await workflow.execute_local_activity(
             "record_endpoint_status",
             EndpointStatusUpdate(self.name, status, reason, state.stopped_at, state.purge_at,
                                  event_kind="status", event_message=f"status {status}" + (f": {reason}" if reason else "")),
             **DB_WRITE)
 
     async def _event(self, kind: str, message: str, instance_id: str | None = None) -> None:
-        await workflow.execute_activity("record_event", EventRecord(self.name, kind, message, instance_id), **DB_WRITE)
+        await workflow.execute_local_activity("record_event", EventRecord(self.name, kind, message, instance_id), **DB_WRITE)
 
     def _now(self) -> float:
         return workflow.now().timestamp()
