@@ -221,3 +221,21 @@ def test_worker_killed_while_provisioning(stack):
 
     running = make_backend(stack.settings).running_instance_ids()
     assert running == [live[0].id]
+
+
+def test_wake_during_drain_keeps_instance_then_idle_release(stack_factory):
+    """Demand returning during a drain keeps the instance once; it is still released when idle."""
+    # A long drain grace (refresh 6 s -> 8 s) so the wake lands while the instance drains.
+    stack = stack_factory(extra_env={"STANDBY_PROXY_REFRESH_SECONDS": "6"})
+    stack.create_endpoint("und", max_instances=1, idle_retention_seconds=1)
+    stack.wait_status("und", "standby")
+    first = stack.update("und", "wake_until_ready", WakeRequest(), timeout=60)
+    wait_until(lambda: [i.status for i in stack.instances("und")] == ["draining"], 30, message="draining")
+    again = stack.update("und", "wake_until_ready", WakeRequest(), timeout=60)
+    assert again["instance_id"] == first["instance_id"]  # kept, not a cold start of another
+    stack.wait_status("und", "standby", 40)
+    [inst] = stack.instances("und")
+    assert inst.status == "stopped"
+    kinds = [ev.kind for ev in stack.events("und")]
+    assert kinds.count("instance_undrained") == 1
+    assert not stack.query("und")["wake_pending"]

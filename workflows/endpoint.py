@@ -229,15 +229,13 @@ class EndpointWorkflow:
 
     async def _undrain_one(self) -> bool:
         """Demand came back while an instance drains: keep it instead of starting another."""
-        for view in self.state.instances.values():
-            if view.status == I_DRAINING and not view.release_sent:
-                view.status = I_READY
-                view.draining_since = None
-                await workflow.execute_local_activity(
-                    "record_instance", InstanceRecord(self.name, view.id, I_READY, event_kind="instance_undrained",
-                                                      event_message=f"instance {view.id} kept: demand returned"),
-                    **DB_WRITE)
-                return True
+        for view in lc.undrainable(self.state):
+            lc.undrain(self.state, view, self._now())
+            await workflow.execute_local_activity(
+                "record_instance", InstanceRecord(self.name, view.id, I_READY, event_kind="instance_undrained",
+                                                  event_message=f"instance {view.id} kept: demand returned"),
+                **DB_WRITE)
+            return True
         return False
 
     async def _begin_drain(self, view: lc.InstanceView) -> None:

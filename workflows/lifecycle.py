@@ -52,6 +52,8 @@ class InstanceView:
     release_sent: bool = False
     reason: str = ""
     ended_at: float | None = None
+    # When returning demand kept it from draining: its idle clock restarts there.
+    kept_at: float | None = None
 
 
 @dataclass
@@ -93,6 +95,19 @@ def routable(state: EndpointState) -> list[InstanceView]:
     return [i for i in state.instances.values() if i.status == I_READY and not i.release_sent]
 
 
+def undrainable(state: EndpointState) -> list[InstanceView]:
+    return [i for i in state.instances.values() if i.status == I_DRAINING and not i.release_sent]
+
+
+def undrain(state: EndpointState, view: InstanceView, now: float) -> None:
+    """Demand came back while `view` drains: it serves again, which answers any pending wake,
+    and its idle retention starts over (else the same reconcile would drain it again)."""
+    view.status = I_READY
+    view.draining_since = None
+    view.kept_at = now
+    state.wake_pending = False
+
+
 def aggregate_traffic(state: EndpointState, now: float) -> dict[str, Traffic]:
     """Sum in-flight requests per instance over proxy processes; the latest request time wins."""
     out: dict[str, Traffic] = {}
@@ -108,7 +123,7 @@ def aggregate_traffic(state: EndpointState, now: float) -> dict[str, Traffic]:
 
 def last_activity(view: InstanceView, traffic: dict[str, Traffic]) -> float:
     t = traffic.get(view.id)
-    return max(view.ready_at or view.created_at, t.last_request_at if t else 0.0)
+    return max(view.ready_at or view.created_at, view.kept_at or 0.0, t.last_request_at if t else 0.0)
 
 
 def derive_status(state: EndpointState) -> str:
@@ -137,7 +152,8 @@ def wanted_new_instances(state: EndpointState) -> int:
     if state.wake_pending:
         want = max(want, 1)
     have = len(active(state))
-    room = state.spec.max_instances - len(live(state))
+    # Keeping a draining instance (the workflow's first choice) takes no new slot.
+    room = state.spec.max_instances - len(live(state)) + len(undrainable(state))
     return max(0, min(want - have, room))
 
 
