@@ -199,3 +199,22 @@ def test_form_minutes_become_seconds(app):
     ).get_data(as_text=True)
     assert "(150 s)" in page and "30 min" in page
     assert re.search(r'name="draft"[^>]*value="[A-Za-z0-9_-]{20,}"', page)
+
+
+def test_api_routes_source_needs_an_existing_model_version(app, client):
+    routes = [{"path": "/add", "file": "arith.py", "function": "add", "params": [{"name": "a", "type": "int"}]}]
+    r = client.post("/api/v1/endpoints", json={"name": "routed", "source_kind": "routes", "model_version_id": 999,
+                                               "routes": routes})
+    assert r.status_code == 400
+    assert "does not exist" in r.json["errors"]["model_version_id"]
+    assert count_endpoints(app) == 0
+
+
+def test_api_routes_are_stored_normalized(app, client):
+    routes = [{"path": "/add", "file": "arith.py", "function": "add", "params": [{"name": "a", "type": "int"}]}]
+    r = client.post("/api/v1/endpoints", json={"name": "routed", "source_kind": "routes",
+                                               "git_url": "https://example.invalid/repo.git", "git_ref": "main",
+                                               "routes": routes})
+    assert r.status_code in (201, 503), r.json  # 503: saved, Temporal unreachable in this test
+    stored = client.get("/api/v1/endpoints/routed").json["routes"][0]
+    assert stored["method"] == "POST" and stored["call"] == "keyword" and stored["params"][0]["required"] is True

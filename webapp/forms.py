@@ -2,15 +2,20 @@
 
 Fields are plain text so that every rule (types included) is checked once, by
 `validate_spec`, and its messages are shown beside the matching field. The UI speaks minutes
-for idle retention and startup timeout; the spec stores seconds.
+for idle retention and startup timeout; the spec stores seconds. A routes source's templates
+travel as JSON in one textarea (`routes_json`), written by the routes editor script or by hand,
+so the form works without JavaScript.
 """
 from __future__ import annotations
+
+import json
 
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields.choices import SelectChoice
 
-from webapp.spec import BALANCING, ENVIRONMENTS
+from webapp.registry import git_ref_error, git_url_error, version_choices
+from webapp.spec import BALANCING, ENVIRONMENTS, SOURCE_KINDS
 from webapp.views_common import SECRET_MASK
 
 # Spec error keys that belong to a differently named form field.
@@ -19,11 +24,12 @@ SPEC_TO_FORM = {
     "startup_timeout_seconds": "startup_timeout_minutes",
     "env": "env_plain",
 }
+SOURCE_LABELS = {"server": "Server (command + port)", "routes": "Routes (model code)"}
 PLAIN_FIELDS = (
     "name", "description", "environment", "start_command", "image", "port", "source_dir",
     "gpu_type", "gpu_count", "cpu_cores", "memory_gb", "disk_gb", "min_instances",
     "max_instances", "health_path", "health_interval_seconds", "max_concurrency",
-    "balancing", "hold_queue_size",
+    "balancing", "hold_queue_size", "source_kind", "git_url", "git_ref", "model_version_id",
 )
 
 
@@ -31,6 +37,17 @@ class EndpointForm(FlaskForm):
     name = StringField("Name", description="Lowercase letters, digits and '-'; part of the URL; cannot be changed later.")
     description = TextAreaField("Description")
     environment = SelectField("Environment", choices=[SelectChoice(e, e) for e in ENVIRONMENTS], validate_choice=False)
+    source_kind = SelectField("Source", choices=[SelectChoice(k, SOURCE_LABELS[k]) for k in SOURCE_KINDS],
+                              default="server", validate_choice=False)
+    model_version_id = SelectField("Model version", validate_choice=False,
+                                   description="A version from the model registry, or leave this and give a git URL.")
+    git_url = StringField("Git URL", description="Instead of a model version: cloned at each start.")
+    git_ref = StringField("Git ref", description="Branch, tag or commit, e.g. main.")
+    routes_json = TextAreaField(
+        "Routes (JSON)",
+        description='A JSON list, e.g. [{"method": "POST", "path": "/predict", "file": "predict.py", '
+                    '"function": "predict", "call": "keyword", "params": [{"name": "text", "type": "str"}]}]',
+    )
     start_command = StringField("Start command", description="Shell command; $PORT / {port} is the port to listen on.")
     image = StringField("Container image", description="Only for the docker backend; leave empty for the process backend.")
     port = StringField("Port", default="8080", description="Port inside a container; the process backend assigns one via $PORT.")
@@ -56,6 +73,14 @@ class EndpointForm(FlaskForm):
     sticky_sessions = BooleanField("Sticky sessions")
     hold_queue_size = StringField("Hold queue size", default="100", description="Requests held during a cold start.")
     draft = HiddenField()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_version_id.choices = [SelectChoice("", "— none: use the git URL below —")] + [
+            SelectChoice(str(version_id), label) for version_id, label in version_choices()
+        ]
+        # Spec errors under routes[...] have no form field; the routes editor places them.
+        self.route_errors: dict[str, str] = {}
 
     def to_spec(self, editing: bool = False) -> tuple[dict, dict[str, str]]:
         """Form values as spec input for validate_spec, plus errors only the form can find."""
@@ -83,7 +108,33 @@ class EndpointForm(FlaskForm):
         env, env_errors = self._env()
         errors.update(env_errors)
         data["env"] = env
+        if data["source_kind"] == "routes":
+            errors.update(self._routes_source(data))
+        else:
+            # A server endpoint keeps no leftovers of a routes source the user typed and left.
+            data.update(model_version_id=None, git_url="", git_ref="", routes=[])
         return data, errors
+
+    def _routes_source(self, data: dict) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        raw = (self.routes_json.data or "").strip()
+        try:
+            data["routes"] = json.loads(raw) if raw else []
+        except ValueError as exc:
+            errors["routes_json"] = f"Routes are not valid JSON ({exc}); fix the text or use the routes editor."
+            data["routes"] = []
+        version = data["model_version_id"]
+        known = {choice.value for choice in self.model_version_id.choices}
+        if version and version not in known:
+            errors["model_version_id"] = "No such model version; pick one from the list."
+        if version and (data["git_url"] or data["git_ref"]):
+            errors["git_url"] = "Give either a model version or a git URL + ref, not both."
+        elif not version:
+            for field, check in (("git_url", git_url_error), ("git_ref", git_ref_error)):
+                problem = check(data[field])
+                if problem:
+                    errors[field] = problem[0].upper() + problem[1:] + "."
+        return errors
 
     def _env(self) -> tuple[list[dict], dict[str, str]]:
         env, errors = [], {}
@@ -108,6 +159,8 @@ class EndpointForm(FlaskForm):
             value = spec.get(name)
             getattr(self, name).data = "" if value is None else _plain(value)
         self.sticky_sessions.data = bool(spec.get("sticky_sessions"))
+        self.source_kind.data = spec.get("source_kind") or "server"
+        self.routes_json.data = json.dumps(spec.get("routes") or [], indent=2)
         self.idle_retention_minutes.data = _plain(spec.get("idle_retention_seconds", 600) / 60)
         self.startup_timeout_minutes.data = _plain(spec.get("startup_timeout_seconds", 1200) / 60)
         env = spec.get("env") or []
@@ -118,6 +171,9 @@ class EndpointForm(FlaskForm):
         """Attach spec errors to their fields; returns those with no field (shown on top)."""
         general = []
         for key, message in errors.items():
+            if key == "routes" or key.startswith("routes["):
+                self.route_errors[key] = message
+                continue
             field = getattr(self, SPEC_TO_FORM.get(key, key), None)
             if field is None or key in ("csrf_token", "draft"):
                 general.append(message)

@@ -273,22 +273,23 @@ def _check_name(value: Any, existing: Endpoint | None, session) -> str:
     return name
 
 
-def _validate_routes_source(clean: dict, errors: dict) -> None:
-    # ---- Plug-in point for the routes source (issue 4) ----
-    # common.routes.validate_routes(routes) -> {field: message} (or a list of messages)
-    # is written by the model-registry work; until it exists only the shape is checked.
-    if not clean.get("model_version_id") and not clean.get("git_url"):
+def _validate_routes_source(clean: dict, errors: dict, session=None) -> None:
+    """A routes source: a model version or a git URL, and valid route templates (stored
+    normalized, so the API and the form keep the same thing)."""
+    from common.models import ModelVersion
+    from common.routes import normalize_routes, validate_routes
+
+    version_id = clean.get("model_version_id")
+    if not version_id and not clean.get("git_url"):
         errors.setdefault("routes", "a routes source needs a registered model version or a git URL")
-    try:
-        from common.routes import validate_routes
-    except ImportError:
-        return
+    if version_id and session is not None and session.get(ModelVersion, version_id) is None:
+        errors.setdefault("model_version_id", f"model version {version_id} does not exist; "
+                                              "register one under /api/v1/models first")
     route_errors = validate_routes(clean.get("routes") or [])
-    if isinstance(route_errors, dict):
-        for field, message in route_errors.items():
-            errors.setdefault(field, message)
-    elif route_errors:
-        errors.setdefault("routes", "; ".join(map(str, route_errors)))
+    for field, message in route_errors.items():
+        errors.setdefault(field, message)
+    if not route_errors:
+        clean["routes"] = normalize_routes(clean.get("routes") or [])
 
 
 def validate_spec(
@@ -345,11 +346,11 @@ def validate_spec(
     except _Invalid as exc:
         errors["env"] = f"env: {exc}"
 
-    _cross_checks(clean, errors, settings, inventory)
+    _cross_checks(clean, errors, settings, inventory, session)
     return (clean if not errors else {}), errors
 
 
-def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any) -> None:
+def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any, session=None) -> None:
     low, high = settings.min_startup_timeout_seconds, settings.max_startup_timeout_seconds
     timeout = clean.get("startup_timeout_seconds")
     if timeout is not None and not low <= timeout <= high:
@@ -365,7 +366,7 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any)
         if "start_command" in clean and not clean["start_command"] and not clean.get("image"):
             errors["start_command"] = "start_command is required: the shell command that starts your server, e.g. python -m http.server $PORT"
     elif clean.get("source_kind") == "routes":
-        _validate_routes_source(clean, errors)
+        _validate_routes_source(clean, errors, session)
 
     gpu_count = clean.get("gpu_count")
     if clean.get("gpu_type") and gpu_count == 0:

@@ -6,10 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from common.routes import normalize_routes
 from webapp import api_keys
 from webapp.drafts import drop_draft, load_draft, save_draft
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
+from webapp.routes_view import model_version_label, param_summary, route_examples
 from webapp.spec import spec_of, validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -41,7 +43,14 @@ def when_filter(value) -> str:
 
 @bp.app_context_processor
 def template_globals():
-    return {"SECRET_MASK": SECRET_MASK}
+    return {"SECRET_MASK": SECRET_MASK, "param_summary": param_summary, "model_version_label": model_version_label}
+
+
+def _normalized(clean: dict) -> dict:
+    """Valid route templates with their defaults written out, so the review shows what is stored."""
+    if clean and clean.get("source_kind") == "routes":
+        clean["routes"] = normalize_routes(clean["routes"])
+    return clean
 
 
 def _validate(form: EndpointForm, existing: Endpoint | None, previous_env=None):
@@ -51,7 +60,7 @@ def _validate(form: EndpointForm, existing: Endpoint | None, previous_env=None):
         session=db.session, previous_env=previous_env,
     )
     errors = {**errors, **form_errors}
-    return clean, errors
+    return _normalized(clean), errors
 
 
 def _temporal_message(exc: WorkflowActionError) -> str:
@@ -87,7 +96,14 @@ def new_endpoint():
     if draft is not None:
         drop_draft(settings().data_dir, form.draft.data)
     token = save_draft(settings().data_dir, clean)
-    return render_template("review.html", spec=clean, confirm=ConfirmForm(draft=token), draft=token)
+    return _review(clean, token)
+
+
+def _review(spec: dict, token: str, problem: str | None = None):
+    # formdata=None: the request being answered carries its own (empty) draft field, which
+    # would otherwise win over the token and leave the Create button without its draft.
+    confirm = ConfirmForm(formdata=None, draft=token)
+    return render_template("review.html", spec=spec, confirm=confirm, draft=token, problem=problem)
 
 
 @bp.post("/endpoints/new/back")
@@ -117,6 +133,7 @@ def confirm_endpoint():
     clean, errors = validate_spec(
         draft, existing=None, inventory=gpu_inventory(), settings=settings(), session=db.session, previous_env=draft["env"]
     )
+    clean = _normalized(clean)
     if errors:
         form = EndpointForm(formdata=None)
         form.fill_from_spec(draft)
@@ -128,8 +145,7 @@ def confirm_endpoint():
     except (TemporalUnavailable, WorkflowActionError) as exc:
         blocker = str(exc)
     if blocker:
-        return render_template("review.html", spec=clean, confirm=ConfirmForm(draft=token), draft=token,
-                               problem=blocker), 409
+        return _review(clean, token, problem=blocker), 409
     try:
         endpoint = create_endpoint_row(clean)
     except IntegrityError:
@@ -148,11 +164,13 @@ def confirm_endpoint():
 
 def _detail_context(endpoint: Endpoint) -> dict:
     keys = api_keys.active_keys(db.session, endpoint)
+    url = endpoint_url(endpoint)
     return {
         "endpoint": endpoint,
         "events": recent_events(endpoint, limit=100),
-        "url": endpoint_url(endpoint),
+        "url": url,
         "keys": keys,
+        "route_examples": route_examples(endpoint.routes, url, bool(keys)) if endpoint.source_kind == "routes" else [],
         "actions": [a for a in UI_ACTIONS if action_refusal(endpoint, a) is None],
         "can_terminate": endpoint.status != TERMINATED,
         "action_form": ActionForm(),

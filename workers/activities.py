@@ -46,9 +46,9 @@ from workflows.activity_types import (
     ProvisionResult,
     PurgeInput,
     QueuePositionsInput,
-    ReadyResult,
+    StartInstanceInput,
+    StartInstanceResult,
     StopInstanceInput,
-    WaitReadyInput,
 )
 from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
 
@@ -92,7 +92,7 @@ class StandbyActivities:
 
     def host_bound(self) -> list:
         """Activities that must run on the host that runs the instance."""
-        return [self.provision, self.wait_ready, self.check_liveness, self.stop_instance]
+        return [self.start_instance, self.check_liveness, self.stop_instance]
 
     def _endpoint(self, session, name: str) -> Endpoint:
         endpoint = session.scalar(select(Endpoint).where(Endpoint.name == name))
@@ -181,6 +181,48 @@ class StandbyActivities:
 
     # ------------------------------------------------------------ instances on this host
     @activity.defn
+    def start_instance(self, inp: StartInstanceInput) -> StartInstanceResult:
+        """Provision the instance, record it, and probe its health path until HTTP 200.
+
+        Retried after a worker crash: the heartbeat details carry what the first attempt
+        launched, and a process that still runs is adopted instead of started twice."""
+        from workers.health import wait_until_ready
+
+        info = activity.info()
+        launched = None
+        if info.attempt > 1 and info.heartbeat_details:
+            previous = info.heartbeat_details[0]
+            if isinstance(previous, dict) and self.backend.liveness(inp.instance_id).alive:
+                launched = previous
+                append_log(previous.get("log_path", ""), f"worker restarted: adopting running process "
+                                                         f"(pid {previous.get('pid')})")
+        if launched is None:
+            prov = self.provision(ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, list(inp.gpus)))
+            launched = {"host": prov.host, "address": prov.address, "port": prov.port, "pid": prov.pid,
+                        "container_id": prov.container_id, "workdir": prov.workdir, "log_path": prov.log_path,
+                        "started_at": time.time()}
+            activity.heartbeat(launched)
+            self.record_instance(InstanceRecord(
+                inp.endpoint, inp.instance_id, "starting", generation=inp.generation, gpu_type=inp.gpu_type,
+                gpus=list(inp.gpus), host=prov.host, address=prov.address, port=prov.port, pid=prov.pid,
+                container_id=prov.container_id, workdir=prov.workdir, log_path=prov.log_path,
+                started_at=launched["started_at"], event_kind="instance_starting",
+                event_message=f"instance {inp.instance_id} started at {prov.address}, probing {inp.health_path}"))
+        deadline = launched["started_at"] + inp.startup_timeout_seconds
+        result = wait_until_ready(
+            launched["address"], inp.health_path, max(0.0, deadline - time.time()),
+            is_alive=lambda: self.backend.liveness(inp.instance_id),
+            heartbeat=lambda: activity.heartbeat(launched),
+        )
+        ready_at = time.time() if result.ready else None
+        if result.ready:
+            self.record_instance(InstanceRecord(
+                inp.endpoint, inp.instance_id, "ready", ready_at=ready_at, event_kind="instance_ready",
+                event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']}"))
+        return StartInstanceResult(ready=result.ready, reason=result.reason, seconds=result.seconds,
+                                   host=launched["host"], address=launched["address"], pid=launched["pid"],
+                                   ready_at=ready_at)
+
     def provision(self, inp: ProvisionInput) -> ProvisionResult:
         from workers.workdir import log_path_for, prepare_workdir
 
@@ -222,18 +264,6 @@ class StandbyActivities:
             version = session.get(ModelVersion, version_id)
             if version is not None and version.resolved_commit != commit:
                 version.resolved_commit = commit
-
-    @activity.defn
-    def wait_ready(self, inp: WaitReadyInput) -> ReadyResult:
-        from workers.health import wait_until_ready
-
-        remaining = inp.deadline_at - time.time()
-        result = wait_until_ready(
-            inp.address, inp.health_path, max(0.0, remaining),
-            is_alive=lambda: self.backend.liveness(inp.instance_id),
-            heartbeat=lambda: activity.heartbeat(),
-        )
-        return ReadyResult(ready=result.ready, reason=result.reason, seconds=result.seconds)
 
     @activity.defn
     def check_liveness(self, inp: LivenessInput) -> LivenessResult:

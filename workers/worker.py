@@ -7,7 +7,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from common.config import Settings
 from common.db import Database
@@ -37,7 +37,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     stop = stop or asyncio.Event()
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as pool:
         main = Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS, activities=acts.all(),
-                      activity_executor=pool, max_concurrent_activities=64)
+                      activity_executor=pool, max_concurrent_activities=64,
+                      workflow_runner=UnsandboxedWorkflowRunner())
         host = Worker(client, task_queue=settings.host_task_queue, activities=acts.host_bound(),
                       activity_executor=pool, max_concurrent_activities=64)
         async with main, host:

@@ -106,6 +106,30 @@ class ProvisionResult:
 
 
 @dataclass
+class StartInstanceInput:
+    """Provision and probe in one activity: one dispatch instead of two on the wake path."""
+
+    endpoint: str
+    instance_id: str
+    generation: int
+    health_path: str
+    startup_timeout_seconds: int
+    gpus: list[int] = field(default_factory=list)
+    gpu_type: str = ""
+
+
+@dataclass
+class StartInstanceResult:
+    ready: bool
+    reason: str = ""
+    seconds: float = 0.0  # launch to first HTTP 200
+    host: str = ""
+    address: str = ""
+    pid: int | None = None
+    ready_at: float | None = None
+
+
+@dataclass
 class WaitReadyInput:
     endpoint: str
     instance_id: str

@@ -36,11 +36,9 @@ with workflow.unsafe.imports_passed_through():
         LifecycleSpec,
         LivenessInput,
         LivenessResult,
-        ProvisionInput,
-        ProvisionResult,
-        ReadyResult,
+        StartInstanceInput,
+        StartInstanceResult,
         StopInstanceInput,
-        WaitReadyInput,
     )
     from workflows.gpu_pool import SIGNAL_GRANTED
 
@@ -122,70 +120,47 @@ class InstanceWorkflow:
             self.status = I_READY
             return await self._serve(inp.serving)
 
-        await self._record(I_QUEUED, generation=inp.generation, gpu_type=spec.gpu_type,
-                           event_kind="instance_created",
-                           event_message=f"instance {inp.instance_id} created")
         if spec.gpu_count > 0:
+            # Waiting for GPUs can take long: the row shows it (with its queue position).
+            await self._record(I_QUEUED, generation=inp.generation, gpu_type=spec.gpu_type,
+                               event_kind="instance_created", event_message=f"instance {inp.instance_id} created")
             if not await self._acquire_gpus():
                 return await self._finish(I_STOPPED, self.release_reason or "released while queued")
 
-        # Provisioning runs on the pool's host: it starts a process there.
+        # Provision and readiness probe run as one activity on the pool's host; it records the
+        # instance's rows itself, so nothing else sits between a wake and a ready instance.
         self.status = I_PROVISIONING
         self._notify()
-        started_at = workflow.now().timestamp()
-        try:
-            prov: ProvisionResult = await workflow.execute_activity(
-                "provision",
-                ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, self.gpus),
-                result_type=ProvisionResult,
-                task_queue=spec.host_task_queue,
-                start_to_close_timeout=timedelta(seconds=max(60, spec.startup_timeout_seconds)),
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=["SourceError"]),
-            )
-        except ActivityError as err:
-            reason = f"provisioning failed: {_cause(err)}"
-            await self._stop_process()
-            return await self._finish(I_FAILED, reason)
-
-        self.address = prov.address
-        self.status = I_STARTING
-        await self._record(I_STARTING, host=prov.host, address=prov.address, port=prov.port, pid=prov.pid,
-                           container_id=prov.container_id, workdir=prov.workdir, log_path=prov.log_path,
-                           started_at=started_at)
-        self._notify()
-
-        deadline = started_at + spec.startup_timeout_seconds
-        ready_task = workflow.start_activity(
-            "wait_ready",
-            WaitReadyInput(inp.endpoint, inp.instance_id, prov.address, spec.health_path, deadline),
-            result_type=ReadyResult,
+        start_task = workflow.start_activity(
+            "start_instance",
+            StartInstanceInput(inp.endpoint, inp.instance_id, inp.generation, spec.health_path,
+                               spec.startup_timeout_seconds, self.gpus, spec.gpu_type),
+            result_type=StartInstanceResult,
             task_queue=spec.host_task_queue,
-            start_to_close_timeout=timedelta(seconds=spec.startup_timeout_seconds + 60),
+            start_to_close_timeout=timedelta(seconds=spec.startup_timeout_seconds + 120),
             heartbeat_timeout=timedelta(seconds=15),
-            retry_policy=RetryPolicy(maximum_attempts=5),
+            # A retry after a worker crash adopts the process the first attempt started.
+            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["SourceError"]),
         )
         # A release (stop/terminate) while starting must not wait for the probe.
-        await workflow.wait_condition(lambda: ready_task.done() or self.release_reason is not None)
-        if not ready_task.done():
-            ready_task.cancel()
+        await workflow.wait_condition(lambda: start_task.done() or self.release_reason is not None)
+        if not start_task.done():
+            start_task.cancel()
             await self._stop_process()
             return await self._finish(I_STOPPED, self.release_reason)
         try:
-            ready: ReadyResult = ready_task.result()
+            started: StartInstanceResult = start_task.result()
         except ActivityError as err:
-            ready = ReadyResult(ready=False, reason=f"readiness probe failed: {_cause(err)}")
-        if not ready.ready:
+            started = StartInstanceResult(ready=False, reason=f"provisioning failed: {_cause(err)}")
+        if not started.ready:
             await self._stop_process()
-            return await self._finish(I_FAILED, ready.reason)
+            return await self._finish(I_FAILED, started.reason)
 
-        ready_at = workflow.now().timestamp()
+        self.address = started.address
         self.status = I_READY
-        await self._record(I_READY, ready_at=ready_at, event_kind="instance_ready",
-                           event_message=f"instance {inp.instance_id} ready in {ready.seconds:.2f}s "
-                                         f"at {prov.address}")
         await self._notify()
-        return await self._serve(ServingState(prov.address, self.gpus, ready_at, spec.host_task_queue))
+        ready_at = started.ready_at or workflow.now().timestamp()
+        return await self._serve(ServingState(started.address, self.gpus, ready_at, spec.host_task_queue))
 
     async def _serve(self, serving: ServingState) -> str:
         spec = self.inp.spec
