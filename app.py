@@ -46,21 +46,23 @@ def temporal_command(settings: Settings, headless: bool = False) -> list[str]:
     return cmd
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(name: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode}")
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before listening on port {port}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+    raise TimeoutError(f"{name}: nothing listening on port {port} after {timeout:.0f}s")
 
 
 def gunicorn_command(settings: Settings, app_path: str, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "--bind", f"{settings.bind}:{port}", *extra, app_path]
+    # No control socket: its default path in $HOME is shared by every gunicorn on the machine.
+    return [sys.executable, "-m", "gunicorn", "--bind", f"{settings.bind}:{port}", "--no-control-socket", *extra,
+            app_path]
 
 
 def web_command(settings: Settings) -> list[str]:
@@ -99,12 +101,12 @@ def cmd_up(settings: Settings) -> int:
     try:
         if not settings.temporal_address:
             temporal = start("temporal", temporal_command(settings))
-            wait_for_port("127.0.0.1", settings.temporal_port, 60, temporal)
+            wait_for_port("temporal", settings.temporal_port, 60, temporal)
         start("worker", [sys.executable, str(ROOT / "app.py"), "worker", "--stop-instances-on-exit"])
         web = start("web", web_command(settings))
         proxy = start("proxy", proxy_command(settings))
-        wait_for_port("127.0.0.1", settings.web_port, 60, web)
-        wait_for_port("127.0.0.1", settings.proxy_port, 60, proxy)
+        wait_for_port("web", settings.web_port, 60, web)
+        wait_for_port("proxy", settings.proxy_port, 60, proxy)
         print(f"\nStandby is up.\n  UI + API    http://127.0.0.1:{settings.web_port}/\n"
               f"  endpoints   http://127.0.0.1:{settings.proxy_port}/e/<name>/\n"
               + ("" if settings.temporal_address else
