@@ -7,6 +7,7 @@ thread pool; those that talk to Temporal are async.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,8 +43,6 @@ from workflows.activity_types import (
     LivenessInput,
     LivenessResult,
     LoadSpecInput,
-    ProvisionInput,
-    ProvisionResult,
     PurgeInput,
     QueuePositionsInput,
     StartInstanceInput,
@@ -53,6 +52,25 @@ from workflows.activity_types import (
 from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProvisionInput:
+    endpoint: str
+    instance_id: str
+    generation: int
+    gpus: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ProvisionResult:
+    host: str
+    address: str
+    port: int
+    pid: int | None
+    container_id: str
+    workdir: str
+    log_path: str
 
 
 def _ts(seconds: float | None) -> datetime | None:

@@ -87,25 +87,6 @@ class InstanceRecord:
 
 
 @dataclass
-class ProvisionInput:
-    endpoint: str
-    instance_id: str
-    generation: int
-    gpus: list[int] = field(default_factory=list)
-
-
-@dataclass
-class ProvisionResult:
-    host: str
-    address: str
-    port: int
-    pid: int | None
-    container_id: str
-    workdir: str
-    log_path: str
-
-
-@dataclass
 class StartInstanceInput:
     """Provision and probe in one activity: one dispatch instead of two on the wake path."""
 
@@ -127,23 +108,6 @@ class StartInstanceResult:
     address: str = ""
     pid: int | None = None
     ready_at: float | None = None
-
-
-@dataclass
-class WaitReadyInput:
-    endpoint: str
-    instance_id: str
-    address: str
-    health_path: str
-    # Unix time by which the instance must answer 200: provision start + startup timeout.
-    deadline_at: float
-
-
-@dataclass
-class ReadyResult:
-    ready: bool
-    reason: str = ""
-    seconds: float = 0.0
 
 
 @dataclass
