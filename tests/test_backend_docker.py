@@ -1,4 +1,5 @@
-"""The docker backend against a real engine; skipped when no Docker daemon answers.
+"""The docker backend against a real engine: the one that answers, else a private dockerd started
+for this module (tests/docker_engine.py); skipped when neither is possible.
 
 The test image is built here from the host's static busybox (its httpd serves the bind-mounted
 workdir, so a file named `ping` makes /ping answer 200), so no registry is needed.
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings
+from tests.docker_engine import docker_client
 from workers.backends.base import LaunchSpec
 from workers.health import wait_until_ready
 from workers.workdir import log_path_for, prepare_workdir
@@ -25,18 +27,14 @@ IMAGE = "standby-test-busybox:latest"
 
 @pytest.fixture(scope="module")
 def client():
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as exc:  # any failure to reach an engine means "no Docker here"
-        pytest.skip(f"no Docker daemon answers ({type(exc).__name__}: {exc}); set DOCKER_HOST to run these")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        client.api.import_image_from_data(_busybox_rootfs(), repository=IMAGE.split(":")[0], tag="latest",
-                                          changes=["ENV PATH=/bin"])
-    yield client
-    client.close()
+    # The engine that answers, else a private dockerd for this module (stopped and removed after).
+    with docker_client() as client:
+        try:
+            client.images.get(IMAGE)
+        except docker.errors.ImageNotFound:
+            client.api.import_image_from_data(_busybox_rootfs(), repository=IMAGE.split(":")[0], tag="latest",
+                                              changes=["ENV PATH=/bin"])
+        yield client
 
 
 def _busybox_rootfs() -> bytes:
