@@ -67,6 +67,11 @@ class Settings:
     model_max_archive_bytes: int = 2 * 1024**3
     model_max_unpacked_bytes: int = 8 * 1024**3
     model_git_timeout_seconds: float = 600.0
+    # Proxy (issue 3): periodic traffic report while requests are in flight, SSE keep-alive
+    # comments for held clients, and how long connecting to an instance may take.
+    traffic_periodic_seconds: float = 10.0
+    proxy_sse_keepalive_seconds: float = 15.0
+    proxy_connect_timeout_seconds: float = 5.0
 
     @property
     def temporal_target(self) -> str:
@@ -131,4 +136,7 @@ def load_settings(env: dict | None = None) -> Settings:
         model_max_archive_bytes=_int(env, "STANDBY_MODEL_MAX_ARCHIVE_BYTES", 2 * 1024**3),
         model_max_unpacked_bytes=_int(env, "STANDBY_MODEL_MAX_UNPACKED_BYTES", 8 * 1024**3),
         model_git_timeout_seconds=_float(env, "STANDBY_MODEL_GIT_TIMEOUT_SECONDS", 600.0),
+        traffic_periodic_seconds=_float(env, "STANDBY_TRAFFIC_PERIODIC_SECONDS", 10.0),
+        proxy_sse_keepalive_seconds=_float(env, "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS", 15.0),
+        proxy_connect_timeout_seconds=_float(env, "STANDBY_PROXY_CONNECT_TIMEOUT_SECONDS", 5.0),
     )

@@ -1,0 +1,147 @@
+"""Proxy overhead: wrk against the instance directly, nginx proxy_pass, and Standby's proxy.
+
+    .venv/bin/python bench/proxy/run.py [--seconds 10] [--rounds 2] [--proxy-workers 1]
+
+Starts (and stops, by pid) a small gunicorn/Flask instance answering 1 KB, nginx on 127.0.0.1
+with a temporary config (keep-alive upstream), and the real Standby proxy under gunicorn in
+front of a temporary SQLite routing table. Prints req/s at 32 connections, p50 at 1 connection,
+and the ratios to nginx. Targets (issue 3): >= 70% of nginx's req/s, <= 0.3 ms added p50.
+Needs `wrk` and `nginx` (Debian: apt-get install -y wrk nginx).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.proxy_fixtures import ProxyWorld, free_port, stop_process, wait_for  # noqa: E402
+
+NGINX_CONF = """
+worker_processes {workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream instance {{ server {instance}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://instance;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def wrk(url: str, connections: int, seconds: int) -> tuple[float, float]:
+    """(requests per second, p50 in ms)."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    value, unit = float(p50.group(1)), p50.group(2)
+    p50_ms = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    return rps, p50_ms
+
+
+def http_ok(url: str) -> bool:
+    import requests
+
+    return requests.get(url, timeout=1).ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="runs per target; the best is kept (shared machine)")
+    parser.add_argument("--proxy-workers", type=int, default=1, help="gunicorn workers for Standby's proxy")
+    parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument("--instance-workers", type=int, default=1)
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install -y wrk nginx")
+
+    tmp = Path(tempfile.mkdtemp(prefix="standby-bench-"))
+    procs: list[subprocess.Popen] = []
+    world = None
+    try:
+        instance_port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(args.instance_workers),
+             "-b", f"127.0.0.1:{instance_port}", "--log-level", "warning", "bench.proxy.instance_app:app"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+        direct = f"http://127.0.0.1:{instance_port}/"
+        wait_for(lambda: http_ok(direct), 20, what="instance")
+
+        nginx_port = free_port()
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (tmp / sub).mkdir()
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(workers=args.nginx_workers, tmp=tmp, port=nginx_port,
+                                          instance=f"127.0.0.1:{instance_port}"))
+        procs.append(subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        via_nginx = f"http://127.0.0.1:{nginx_port}/"
+        wait_for(lambda: http_ok(via_nginx), 20, what="nginx")
+
+        world = ProxyWorld(tmp, workers=args.proxy_workers, extra_env={"STANDBY_PROXY_REFRESH_SECONDS": "1"})
+        world.add_endpoint("bench")
+        world.add_instance("bench", "benchins", start=False, address=f"127.0.0.1:{instance_port}")
+        world.start_proxy()
+        via_standby = world.url("bench", "/")
+        wait_for(lambda: http_ok(via_standby), 20, what="standby proxy")
+
+        targets = {"direct": direct, "nginx": via_nginx, "standby": via_standby}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        for _ in range(args.rounds):  # interleaved, so background load hits every target alike
+            for name, url in targets.items():
+                wrk(url, 32, 2)  # warm up pools and keep-alive connections
+                rps, _ = wrk(url, 32, args.seconds)
+                _, p50 = wrk(url, 1, max(3, args.seconds // 2))
+                results[name].append((rps, p50))
+        best = {name: (max(r for r, _ in runs), min(p for _, p in runs)) for name, runs in results.items()}
+
+        print(f"\n{'target':<10}{'req/s @32':>12}{'p50 @1 (ms)':>14}")
+        for name, (rps, p50) in best.items():
+            print(f"{name:<10}{rps:>12.0f}{p50:>14.3f}")
+        nginx_rps, nginx_p50 = best["nginx"]
+        standby_rps, standby_p50 = best["standby"]
+        direct_p50 = best["direct"][1]
+        print(f"\nstandby / nginx req/s: {standby_rps / nginx_rps:.0%} (target >= 70%)")
+        print(f"added p50 at 1 connection: nginx +{nginx_p50 - direct_p50:.3f} ms, "
+              f"standby +{standby_p50 - direct_p50:.3f} ms (target <= 0.3 ms)")
+        print(f"(proxy workers {args.proxy_workers}, nginx workers {args.nginx_workers}, "
+              f"instance workers {args.instance_workers}, {os.cpu_count()} CPUs)")
+    finally:
+        if world is not None:
+            world.stop()
+        for proc in procs:
+            stop_process(proc)
+        time.sleep(0.2)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

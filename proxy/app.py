@@ -1,0 +1,115 @@
+"""WSGI entry of the proxy: `application` for gunicorn, `make_app(settings)` for everything else.
+
+The chain is assembled here, once per worker process: routing view (DB cache) -> balancer and
+cold-start holding -> forwarder, with the traffic reporter and the Temporal bridge beside them.
+Background greenlets (view refresh, traffic reports) start on the first request, i.e. inside
+the gevent worker after gunicorn has monkey patched it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from common.config import Settings, load_settings
+from common.db import Database
+from proxy.balancer import Balancer
+from proxy.coldstart import ColdStarts
+from proxy.forward import Forwarder
+from proxy.handler import ProxyHandler
+from proxy.metrics import Metrics, render
+from proxy.routing_view import RoutingView
+from proxy.temporal_bridge import TemporalBridge
+from proxy.traffic import TrafficTracker
+
+log = logging.getLogger("standby.proxy")
+
+
+class ProxyApp:
+    """Routes `/e/...` to the handler; `/metrics` and `/healthz` are the proxy's own."""
+
+    def __init__(self, settings: Settings, keepalive_seconds: float | None = None):
+        self.settings = settings
+        self.routing = RoutingView(Database(settings.database_url), settings.proxy_refresh_seconds)
+        self.bridge = TemporalBridge(settings.temporal_target, settings.temporal_namespace)
+        self.tracker = TrafficTracker(
+            self.bridge.send_traffic,
+            debounce_seconds=settings.traffic_debounce_seconds,
+            periodic_seconds=settings.traffic_periodic_seconds,
+        )
+        self.metrics = Metrics()
+        self.balancer = Balancer(self.tracker.in_flight)
+        self.coldstarts = ColdStarts(self.bridge, self.routing, self.balancer, self.tracker, self.metrics)
+        self.forwarder = Forwarder(connect_timeout=settings.proxy_connect_timeout_seconds)
+        self.handler = ProxyHandler(
+            self.routing,
+            self.coldstarts,
+            self.tracker,
+            self.forwarder,
+            self.metrics,
+            max_body_bytes=settings.proxy_max_body_bytes,
+            keepalive_seconds=settings.proxy_sse_keepalive_seconds if keepalive_seconds is None else keepalive_seconds,
+        )
+        self._started = False
+
+    def start(self) -> None:
+        """Load the view and start the background greenlets; idempotent."""
+        if self._started:
+            return
+        import gevent
+
+        self._started = True
+        self.routing.refresh()
+        gevent.spawn(self.routing.run_forever)
+        gevent.spawn(self.tracker.run_forever)
+        self.bridge.start()
+        self.bridge.connect_soon()
+
+    def __call__(self, environ, start_response):
+        if not self._started:
+            self.start()
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/e/"):
+            return self.handler(environ, start_response)
+        if path == "/metrics":
+            body, content_type = render()
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/healthz":
+            return _json(start_response, "200 OK", {"ok": True, "view_age_seconds": self._view_age()})
+        return _json(start_response, "404 Not Found",
+                     {"code": 404, "msg": f"no such path {path!r}; endpoint URLs look like /e/<endpoint-name>/<path>"})
+
+    def _view_age(self) -> float | None:
+        import time
+
+        return round(time.monotonic() - self.routing.loaded_at, 3) if self.routing.loaded_at else None
+
+
+def _json(start_response, status: str, payload: dict):
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def make_app(settings: Settings | None = None) -> ProxyApp:
+    return ProxyApp(settings or load_settings())
+
+
+class _LazyApplication:
+    """Builds the app in the worker on first use, so importing this module stays side-effect free."""
+
+    def __init__(self) -> None:
+        self._app: ProxyApp | None = None
+
+    def warm(self) -> ProxyApp:
+        if self._app is None:
+            self._app = make_app()
+            self._app.start()
+        return self._app
+
+    def __call__(self, environ, start_response):
+        app = self._app or self.warm()
+        return app(environ, start_response)
+
+
+application = _LazyApplication()

@@ -1,0 +1,139 @@
+"""Forward one request to an instance and stream the answer back, over pooled keep-alive sockets.
+
+A small HTTP/1.1 client written for this hot path: the request goes out in one write, the
+status line and headers are parsed from one buffered read, and the body is relayed in the
+pieces it arrives in. It replaced urllib3 here after measuring: urllib3 + http.client cost
+~0.35 ms of CPU per request (mostly the email-package header parser), the whole budget of the
+issue's "<= 0.3 ms added p50". Bodies stream both ways: a 1 GB upload or download never sits
+in memory, and each chunk of an SSE response leaves as soon as the instance writes it.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Callable, Iterator
+
+from proxy.upstream import ConnectFailed, UpstreamFailed, UpstreamPool, UpstreamResponse
+
+BLOCK = 64 * 1024
+
+# RFC 9110 7.6.1 plus what only concerns this hop: the proxy streams the body itself, so an
+# `Expect: 100-continue` is answered (by gunicorn) here, not passed on.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+
+__all__ = ["BodyTooLarge", "ConnectFailed", "UpstreamFailed", "Forwarder", "RequestBody", "StreamedResponse"]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def connection_tokens(value: str | None) -> set[str]:
+    return {token.strip().lower() for token in (value or "").split(",") if token.strip()}
+
+
+class RequestBody:
+    """Streams the WSGI input to the instance in blocks, enforcing the body limit as it goes.
+
+    `started` tells whether any byte was consumed, i.e. whether a retry could still resend it.
+    """
+
+    def __init__(self, wsgi_input, length: int | None, limit: int):
+        self._input = wsgi_input
+        self.length = length
+        self._left = length  # None: read until EOF (chunked upload)
+        self._limit = limit
+        self._seen = 0
+        self.started = False
+
+    def read(self, size: int = BLOCK) -> bytes:
+        if self._left is not None:
+            if self._left <= 0:
+                return b""
+            size = min(size, self._left)
+        self.started = True
+        data = self._input.read(size)
+        if self._left is not None:
+            self._left -= len(data)
+        self._seen += len(data)
+        if self._seen > self._limit:
+            raise BodyTooLarge()
+        return data
+
+
+class Forwarder:
+    def __init__(self, connect_timeout: float = 5.0, max_idle_per_instance: int = 64):
+        self.pool = UpstreamPool(connect_timeout=connect_timeout, max_idle=max_idle_per_instance)
+
+    def send(
+        self,
+        address: str,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body,
+        chunked: bool,
+    ) -> UpstreamResponse:
+        """Send the request and read the response head.
+
+        ConnectFailed: nothing reached the instance (safe to retry elsewhere).
+        UpstreamFailed: it failed after the request began. BodyTooLarge passes through.
+        """
+        head = _request_head(method, target, address, headers, body, chunked)
+        return self.pool.exchange(address, method, head, body, chunked)
+
+
+def _request_head(method: str, target: str, address: str, headers: dict[str, str], body, chunked: bool) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {address}\r\n"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
+    if isinstance(body, (bytes, bytearray)):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif body is not None and body.length is not None:
+        lines.append(f"Content-Length: {body.length}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def response_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
+    """The instance's headers minus hop-by-hop ones, duplicates (Set-Cookie) kept apart."""
+    drop = HOP_BY_HOP | connection_tokens(resp.header("connection"))
+    return [(name, value) for name, value in resp.headers if name.lower() not in drop]
+
+
+class StreamedResponse:
+    """WSGI response iterable over the instance's body; `close()` runs `on_close` once."""
+
+    def __init__(self, resp: UpstreamResponse, on_close: Callable[[], None]):
+        self._resp = resp
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._resp.iter_body()
+        except (OSError, socket.timeout, ValueError) as exc:
+            # The client has the status line already: all that is left is to cut the stream.
+            raise UpstreamFailed(f"instance stream broke: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self._resp.finish()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the proxy, safe under several gunicorn workers.
+
+`PROMETHEUS_MULTIPROC_DIR` must be set before `prometheus_client` is first imported (the
+gunicorn config does it in the master, wiping the directory at start); each worker then
+writes its own files and `/metrics` merges them. Without the variable (a single process, a
+unit test) the same metrics live in memory.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+REQUESTS = Counter(
+    "standby_proxy_requests_total", "Requests answered by the proxy", ["endpoint", "code_class"]
+)
+LATENCY = Histogram(
+    "standby_proxy_response_seconds",
+    "Time from request arrival to the response headers (holding for a cold start included)",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+COLD_STARTS = Counter("standby_proxy_cold_starts_total", "Wake calls that started an instance", ["endpoint"])
+HELD = Gauge(
+    "standby_proxy_held_requests", "Requests held waiting for an instance", ["endpoint"], multiprocess_mode="livesum"
+)
+REJECTED = Counter(
+    "standby_proxy_rejected_total", "503 answers (overload, hold timeout, not serving)", ["endpoint", "reason"]
+)
+
+
+class Metrics:
+    """Caches labelled children: `.labels()` costs more than the increment itself."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str], object] = {}
+        self._latency: dict[str, object] = {}
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        code_class = f"{status // 100}xx"
+        key = (endpoint, code_class)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = REQUESTS.labels(endpoint, code_class)
+        counter.inc()
+        hist = self._latency.get(endpoint)
+        if hist is None:
+            hist = self._latency[endpoint] = LATENCY.labels(endpoint)
+        hist.observe(seconds)
+
+    def cold_start(self, endpoint: str) -> None:
+        COLD_STARTS.labels(endpoint).inc()
+
+    def held(self, endpoint: str, delta: int) -> None:
+        HELD.labels(endpoint).inc(delta)
+
+    def rejected(self, endpoint: str, reason: str) -> None:
+        REJECTED.labels(endpoint, reason).inc()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: merged across workers when running multiprocess."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,188 @@
+"""The proxy's routing view: endpoints, their ready instances and active key hashes.
+
+Read from the database in three queries and cached in-process; a background greenlet refreshes
+it every `proxy_refresh_seconds`, so the hot path never touches the database or Temporal while
+an instance is ready. The proxy never writes to the database.
+
+Wake and scale-out answers carry the new instance's address before the refresh may see it;
+`learn()` overlays it until the database shows that instance (ready or not) or it expires.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from sqlalchemy import select
+
+from common.db import Database
+from common.models import (
+    I_DRAINING,
+    I_PROVISIONING,
+    I_QUEUED,
+    I_READY,
+    I_STARTING,
+    INSTANCE_LIVE_STATES,
+    ApiKey,
+    Endpoint,
+    Instance,
+)
+
+log = logging.getLogger("standby.proxy.routing")
+
+# How long a learned instance is trusted without the database showing it.
+LEARNED_TTL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    id: str
+    address: str  # "127.0.0.1:43121"
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    name: str
+    status: str
+    max_instances: int = 1
+    max_concurrency: int = 0  # 0 = unlimited
+    balancing: str = "round_robin"
+    sticky_sessions: bool = False
+    hold_queue_size: int = 100
+    startup_timeout_seconds: int = 1200
+    source_kind: str = "server"
+    routes: tuple = ()
+    key_hashes: frozenset = frozenset()
+    # Ready instances only, oldest first so that balancing order is stable between refreshes.
+    instances: tuple[InstanceView, ...] = ()
+    # Instances that exist and count against max_instances but take no new requests.
+    draining_ids: frozenset = frozenset()
+    live_count: int = 0  # every instance not yet stopped or failed (for scale-out decisions)
+
+    def instance(self, instance_id: str) -> InstanceView | None:
+        for inst in self.instances:
+            if inst.id == instance_id:
+                return inst
+        return None
+
+
+@dataclass
+class _Learned:
+    instance: InstanceView
+    at: float
+
+
+@dataclass
+class RoutingView:
+    database: Database
+    refresh_seconds: float = 1.0
+    _endpoints: dict[str, EndpointView] = field(default_factory=dict)
+    # endpoint name -> instance id -> learned instance
+    _learned: dict[str, dict[str, _Learned]] = field(default_factory=dict)
+    # Ids the last load saw ready or past ready, per endpoint: a learned id seen there is settled.
+    _known_ids: dict[str, frozenset] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+    def get(self, name: str) -> EndpointView | None:
+        view = self._endpoints.get(name)
+        learned = self._learned.get(name)
+        if view is None or not learned:
+            return view
+        now = time.monotonic()
+        extra = []
+        for inst_id, entry in list(learned.items()):
+            if now - entry.at > LEARNED_TTL_SECONDS or inst_id in self._known_ids.get(name, ()):
+                del learned[inst_id]
+            elif view.instance(inst_id) is None:
+                extra.append(entry.instance)
+        if not extra:
+            return view
+        live_count = max(view.live_count, len(view.instances) + len(extra))
+        return replace(view, instances=view.instances + tuple(extra), live_count=live_count)
+
+    def learn(self, endpoint: str, instance: InstanceView) -> None:
+        """An instance the lifecycle just reported ready, before the database refresh shows it."""
+        self._learned.setdefault(endpoint, {})[instance.id] = _Learned(instance, time.monotonic())
+
+    def refresh(self) -> None:
+        try:
+            endpoints, known = self._load()
+        except Exception:  # keep serving the last view when the database hiccups
+            log.exception("routing view refresh failed; keeping the previous view")
+            return
+        self._endpoints = endpoints
+        # An id the load saw is settled by the database: drop it from the overlay (in get()).
+        self._known_ids = known
+        self.loaded_at = time.monotonic()
+
+    def _load(self) -> tuple[dict[str, EndpointView], dict[str, frozenset]]:
+        with self.database.session() as session:
+            endpoint_rows = session.execute(
+                select(
+                    Endpoint.id,
+                    Endpoint.name,
+                    Endpoint.status,
+                    Endpoint.max_instances,
+                    Endpoint.max_concurrency,
+                    Endpoint.balancing,
+                    Endpoint.sticky_sessions,
+                    Endpoint.hold_queue_size,
+                    Endpoint.startup_timeout_seconds,
+                    Endpoint.source_kind,
+                    Endpoint.routes,
+                )
+            ).all()
+            instance_rows = session.execute(
+                select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.created_at)
+                .order_by(Instance.created_at, Instance.id)
+            ).all()
+            key_rows = session.execute(
+                select(ApiKey.endpoint_id, ApiKey.key_hash).where(ApiKey.revoked_at.is_(None))
+            ).all()
+
+        keys: dict[int, set[str]] = {}
+        for endpoint_id, key_hash in key_rows:
+            keys.setdefault(endpoint_id, set()).add(key_hash.lower())
+        ready: dict[int, list[InstanceView]] = {}
+        draining: dict[int, set[str]] = {}
+        live: dict[int, int] = {}
+        seen: dict[int, set[str]] = {}
+        for endpoint_id, inst_id, status, address, _created in instance_rows:
+            if status not in (I_QUEUED, I_PROVISIONING, I_STARTING):
+                seen.setdefault(endpoint_id, set()).add(inst_id)
+            if status in INSTANCE_LIVE_STATES:
+                live[endpoint_id] = live.get(endpoint_id, 0) + 1
+            if status == I_READY and address:
+                ready.setdefault(endpoint_id, []).append(InstanceView(inst_id, address))
+            elif status == I_DRAINING:
+                draining.setdefault(endpoint_id, set()).add(inst_id)
+
+        endpoints: dict[str, EndpointView] = {}
+        known: dict[str, frozenset] = {}
+        for row in endpoint_rows:
+            endpoints[row.name] = EndpointView(
+                name=row.name,
+                status=row.status or "",
+                max_instances=row.max_instances or 0,
+                max_concurrency=row.max_concurrency or 0,
+                balancing=row.balancing or "round_robin",
+                sticky_sessions=bool(row.sticky_sessions),
+                hold_queue_size=row.hold_queue_size if row.hold_queue_size is not None else 100,
+                startup_timeout_seconds=row.startup_timeout_seconds or 1200,
+                source_kind=row.source_kind or "server",
+                routes=tuple(row.routes or ()),
+                key_hashes=frozenset(keys.get(row.id, ())),
+                instances=tuple(ready.get(row.id, ())),
+                draining_ids=frozenset(draining.get(row.id, ())),
+                live_count=live.get(row.id, 0),
+            )
+            known[row.name] = frozenset(seen.get(row.id, ()))
+        return endpoints, known
+
+    def run_forever(self) -> None:
+        """Body of the refresh greenlet."""
+        import gevent
+
+        while True:
+            gevent.sleep(self.refresh_seconds)
+            self.refresh()

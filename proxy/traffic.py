@@ -1,0 +1,155 @@
+"""In-flight counts and last-request times per instance, reported to the lifecycle, debounced.
+
+The lifecycle never releases an instance whose aggregated in-flight count is above zero and runs
+its idle timer from `last_request_at`, so this process reports (per endpoint, one `traffic`
+signal per debounce tick at most): whenever its figures changed since its last report, every
+`periodic_seconds` while any instance has requests in flight, and so always soon after the
+in-flight count drops back to zero. Never one signal per request.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from workflows.contracts import InstanceTraffic, TrafficReport
+
+# Entries idle this long, with nothing in flight, are dropped from reports.
+FORGET_AFTER_SECONDS = 600.0
+
+
+@dataclass
+class _InstanceFigures:
+    in_flight: int = 0
+    last_request_at: float = 0.0
+    requests: int = 0
+
+
+@dataclass
+class _EndpointFigures:
+    instances: dict[str, _InstanceFigures] = field(default_factory=dict)
+    held: int = 0
+    dirty: bool = False
+    last_sent: float = 0.0  # monotonic
+
+    def busy(self) -> bool:
+        return any(fig.in_flight > 0 for fig in self.instances.values())
+
+
+def default_reporter_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TrafficTracker:
+    def __init__(
+        self,
+        send: Callable[[str, TrafficReport], None],
+        debounce_seconds: float = 1.0,
+        periodic_seconds: float = 10.0,
+        reporter: str | None = None,
+    ):
+        self._send = send
+        self.debounce_seconds = debounce_seconds
+        self.periodic_seconds = periodic_seconds
+        self.reporter = reporter or default_reporter_id()
+        self._seq = 0
+        self._endpoints: dict[str, _EndpointFigures] = {}
+        self._in_flight: dict[str, int] = {}  # instance id -> count, for the balancer
+        # Called with the endpoint name whenever one of its requests ends (capacity freed).
+        self.on_release: Callable[[str], None] = lambda endpoint: None
+
+    def _figures(self, endpoint: str, instance_id: str) -> tuple[_EndpointFigures, _InstanceFigures]:
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            ep = self._endpoints[endpoint] = _EndpointFigures()
+        fig = ep.instances.get(instance_id)
+        if fig is None:
+            fig = ep.instances[instance_id] = _InstanceFigures()
+        return ep, fig
+
+    def in_flight(self, instance_id: str) -> int:
+        return self._in_flight.get(instance_id, 0)
+
+    def begin(self, endpoint: str, instance_id: str) -> None:
+        ep, fig = self._figures(endpoint, instance_id)
+        fig.in_flight += 1
+        fig.requests += 1
+        fig.last_request_at = time.time()
+        ep.dirty = True
+        self._in_flight[instance_id] = self._in_flight.get(instance_id, 0) + 1
+
+    def end(self, endpoint: str, instance_id: str) -> None:
+        ep, fig = self._figures(endpoint, instance_id)
+        fig.in_flight = max(0, fig.in_flight - 1)
+        fig.last_request_at = time.time()
+        ep.dirty = True
+        left = self._in_flight.get(instance_id, 0) - 1
+        if left > 0:
+            self._in_flight[instance_id] = left
+        else:
+            self._in_flight.pop(instance_id, None)
+        self.on_release(endpoint)
+
+    def hold(self, endpoint: str, delta: int) -> None:
+        ep = self._endpoints.setdefault(endpoint, _EndpointFigures())
+        ep.held = max(0, ep.held + delta)
+        ep.dirty = True
+
+    def held(self, endpoint: str) -> int:
+        ep = self._endpoints.get(endpoint)
+        return ep.held if ep else 0
+
+    def due_reports(self, now: float | None = None) -> list[tuple[str, TrafficReport]]:
+        """Reports to send now; marks them sent."""
+        now = time.monotonic() if now is None else now
+        wall = time.time()
+        due = []
+        for name, ep in list(self._endpoints.items()):
+            since = now - ep.last_sent
+            changed = ep.dirty and since >= self.debounce_seconds
+            keepalive = ep.busy() and since >= self.periodic_seconds
+            if not (changed or keepalive):
+                continue
+            self._seq += 1
+            report = TrafficReport(
+                reporter=self.reporter,
+                seq=self._seq,
+                sent_at=wall,
+                instances=[
+                    InstanceTraffic(inst_id, fig.in_flight, fig.last_request_at, fig.requests)
+                    for inst_id, fig in ep.instances.items()
+                ],
+                held=ep.held,
+            )
+            ep.dirty = False
+            ep.last_sent = now
+            due.append((name, report))
+            self._forget_idle(name, ep, wall)
+        return due
+
+    def _forget_idle(self, name: str, ep: _EndpointFigures, wall: float) -> None:
+        for inst_id, fig in list(ep.instances.items()):
+            if fig.in_flight == 0 and wall - fig.last_request_at > FORGET_AFTER_SECONDS:
+                del ep.instances[inst_id]
+        if not ep.instances and ep.held == 0 and not ep.dirty:
+            del self._endpoints[name]
+
+    def flush(self) -> None:
+        for endpoint, report in self.due_reports():
+            self._send(endpoint, report)
+
+    def run_forever(self) -> None:
+        """Body of the reporter greenlet: one tick per debounce interval."""
+        import gevent
+
+        tick = max(0.05, min(self.debounce_seconds, self.periodic_seconds))
+        while True:
+            gevent.sleep(tick)
+            try:
+                self.flush()
+            except Exception:  # a reporting failure must never stop the reporter
+                import logging
+
+                logging.getLogger("standby.proxy.traffic").exception("traffic report failed")

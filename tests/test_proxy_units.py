@@ -1,0 +1,161 @@
+"""Pure logic of the proxy: balancing policies, traffic report debouncing, auth, HTTP framing."""
+from __future__ import annotations
+
+import random
+import socket
+import threading
+
+import pytest
+
+from proxy.auth import bearer_token, check_key, hash_key
+from proxy.balancer import Balancer, normalize_policy
+from proxy.routing_view import EndpointView, InstanceView
+from proxy.traffic import TrafficTracker
+from proxy.upstream import UpstreamFailed, UpstreamPool
+
+A, B, C = InstanceView("aaaa", "127.0.0.1:1"), InstanceView("bbbb", "127.0.0.1:2"), InstanceView("cccc", "127.0.0.1:3")
+
+
+def view(**kw) -> EndpointView:
+    kw.setdefault("instances", (A, B, C))
+    return EndpointView(name="ep", status="running", **kw)
+
+
+@pytest.mark.parametrize("raw, policy", [
+    ("round-robin", "round_robin"), ("Least_Connections", "least_connections"), ("ip-hash", "ip_hash"),
+    ("random", "random"), ("", "round_robin"), ("bogus", "round_robin"), (None, "round_robin"),
+])
+def test_policy_names(raw, policy):
+    assert normalize_policy(raw) == policy
+
+
+def test_round_robin_cycles():
+    b = Balancer(lambda _: 0)
+    v = view()
+    assert [b.pick(v, v.instances).id for _ in range(6)] == ["aaaa", "bbbb", "cccc"] * 2
+
+
+def test_least_connections_prefers_fewest_in_flight():
+    load = {"aaaa": 3, "bbbb": 0, "cccc": 1}
+    b = Balancer(load.get)
+    v = view(balancing="least_connections")
+    assert {b.pick(v, v.instances).id for _ in range(5)} == {"bbbb"}
+    load["bbbb"] = 1  # a tie between bbbb and cccc is shared
+    assert {b.pick(v, v.instances).id for _ in range(6)} == {"bbbb", "cccc"}
+
+
+def test_ip_hash_is_stable_and_only_moves_clients_of_a_removed_instance():
+    b = Balancer(lambda _: 0)
+    v = view(balancing="ip_hash")
+    clients = [f"10.0.0.{i}" for i in range(200)]
+    before = {ip: b.pick(v, v.instances, ip).id for ip in clients}
+    assert before == {ip: b.pick(v, v.instances, ip).id for ip in clients}
+    assert len(set(before.values())) == 3
+    after = {ip: b.pick(v, (A, C), ip).id for ip in clients}
+    assert all(after[ip] == before[ip] for ip in clients if before[ip] != "bbbb")
+
+
+def test_random_picks_among_candidates():
+    b = Balancer(lambda _: 0, rng=random.Random(7))
+    v = view(balancing="random")
+    assert {b.pick(v, (A, C)).id for _ in range(50)} == {"aaaa", "cccc"}
+
+
+def test_capacity_filter():
+    load = {"aaaa": 2, "bbbb": 1}
+    b = Balancer(lambda i: load.get(i, 0))
+    assert [i.id for i in b.available(view(max_concurrency=2))] == ["bbbb", "cccc"]
+    assert len(b.available(view(max_concurrency=0))) == 3
+
+
+def test_traffic_reports_are_debounced_and_follow_in_flight():
+    sent = []
+    t = TrafficTracker(lambda ep, r: sent.append((ep, r)), debounce_seconds=1.0, periodic_seconds=10.0,
+                       reporter="h:1")
+    assert t.due_reports(now=100.0) == []
+    t.begin("ep", "aaaa")
+    t.begin("ep", "aaaa")
+    [(name, report)] = t.due_reports(now=100.0)
+    assert name == "ep" and report.reporter == "h:1"
+    assert [(i.instance_id, i.in_flight, i.requests) for i in report.instances] == [("aaaa", 2, 2)]
+    t.end("ep", "aaaa")
+    assert t.due_reports(now=100.5) == []  # changed, but within the debounce interval
+    [(_, second)] = t.due_reports(now=101.0)
+    assert second.seq > report.seq and second.instances[0].in_flight == 1
+    assert t.due_reports(now=105.0) == []  # unchanged and busy: only the periodic report
+    [(_, periodic)] = t.due_reports(now=111.0)
+    assert periodic.instances[0].in_flight == 1
+    t.end("ep", "aaaa")
+    [(_, last)] = t.due_reports(now=112.0)  # the drop to zero is always reported
+    assert last.instances[0].in_flight == 0 and last.instances[0].last_request_at > 0
+    assert t.due_reports(now=130.0) == []  # idle and unchanged: silence
+    assert t.in_flight("aaaa") == 0
+
+
+def test_held_requests_are_reported():
+    t = TrafficTracker(lambda ep, r: None, debounce_seconds=0.1)
+    t.hold("ep", +1)
+    [(_, report)] = t.due_reports(now=50.0)
+    assert report.held == 1
+
+
+def test_auth():
+    assert bearer_token("Bearer abc ") == "abc" and bearer_token("bearer x") == "x"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    keyed = view(key_hashes=frozenset({hash_key("sk-1")}))
+    assert check_key(keyed, "Bearer sk-1") == (True, True)
+    assert check_key(keyed, "Bearer sk-2") == (False, False)
+    assert check_key(keyed, None) == (False, False)
+    assert check_key(view(), "Bearer anything") == (True, False)
+
+
+def serve_once(raw_response: bytes, pieces: int = 7):
+    """A one-shot server writing `raw_response` in small pieces; returns its address."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def run():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        step = max(1, len(raw_response) // pieces)
+        for start in range(0, len(raw_response), step):
+            conn.sendall(raw_response[start:start + step])
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def exchange(raw_response: bytes, method: str = "GET"):
+    pool = UpstreamPool()
+    resp = pool.exchange(serve_once(raw_response), method, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", None, False)
+    body = b"".join(resp.iter_body())
+    resp.finish()
+    return resp, body
+
+
+def test_upstream_chunked_with_interim_response_and_trailers():
+    raw = (b"HTTP/1.1 100 Continue\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+           b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+    resp, body = exchange(raw)
+    assert resp.status == 200 and body == b"hello world"
+    assert [v for k, v in resp.headers if k == "Set-Cookie"] == ["a=1", "b=2"]
+
+
+def test_upstream_content_length_close_delimited_and_head():
+    resp, body = exchange(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nabcd")
+    assert (resp.status, resp.reason, body) == (201, "Created", b"abcd")
+    resp, body = exchange(b"HTTP/1.0 200 OK\r\n\r\nuntil close")
+    assert body == b"until close"
+    resp, body = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", method="HEAD")
+    assert body == b""
+
+
+def test_upstream_malformed_and_truncated_answers_fail_clearly():
+    with pytest.raises(UpstreamFailed, match="malformed status line"):
+        exchange(b"SPDY/9 what\r\n\r\n")
+    with pytest.raises(UpstreamFailed, match="bytes of body unsent"):
+        exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
