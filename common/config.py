@@ -72,6 +72,8 @@ class Settings:
     traffic_periodic_seconds: float = 10.0
     proxy_sse_keepalive_seconds: float = 15.0
     proxy_connect_timeout_seconds: float = 5.0
+    # On shutdown, streaming requests get this long; idle keep-alive connections hold no longer.
+    proxy_graceful_seconds: int = 10
 
     @property
     def temporal_target(self) -> str:
@@ -139,4 +141,5 @@ def load_settings(env: dict | None = None) -> Settings:
         traffic_periodic_seconds=_float(env, "STANDBY_TRAFFIC_PERIODIC_SECONDS", 10.0),
         proxy_sse_keepalive_seconds=_float(env, "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS", 15.0),
         proxy_connect_timeout_seconds=_float(env, "STANDBY_PROXY_CONNECT_TIMEOUT_SECONDS", 5.0),
+        proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
     )

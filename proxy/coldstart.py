@@ -26,6 +26,8 @@ from proxy.traffic import TrafficTracker
 NOT_SERVING_STATES = ("stopped", "failed", "terminated")
 # After a refused on-demand scale-out (quota reached elsewhere), wait this long before asking again.
 SCALE_OUT_COOLDOWN_SECONDS = 2.0
+# While a wake or scale-out is pending, how often the database is asked for a ready instance.
+COLD_START_POLL_SECONDS = 0.01
 
 
 class HoldFull(Exception):
@@ -109,7 +111,21 @@ class ColdStarts:
                 self.metrics.cold_start(view.name)
             return result
 
-        return self._shared(self._wakes, view, call)
+        first = view.name not in self._wakes
+        pending = self._shared(self._wakes, view, call)
+        if first:
+            gevent.spawn(self._poll_until_ready, view.name, pending)
+        return pending
+
+    def _poll_until_ready(self, name: str, pending: AsyncResult) -> None:
+        """While a wake is pending, look for the instance in the database every few milliseconds:
+        the worker records it ready before the lifecycle's answer makes its way back through
+        Temporal. One poller per endpoint and process, however many requests are held."""
+        while not pending.ready():
+            pending.wait(COLD_START_POLL_SECONDS)
+            if not pending.ready() and self.routing.poll_ready(name):
+                self.notify(name)
+                return
 
     def scale_out_on_demand(self, view: EndpointView) -> AsyncResult | None:
         refused_at = self._scale_out_refused_at.get(view.name, 0.0)
@@ -170,7 +186,8 @@ class ColdStarts:
             if candidates:
                 return Acquired(pick(self.balancer, view, candidates, client_ip, sticky_id), cold_start)
             pending = None
-            if not view.instances:
+            waking = not view.instances
+            if waking:
                 pending = self.wake(view)
             elif view.live_count < view.max_instances:
                 pending = self.scale_out_on_demand(view)
@@ -184,8 +201,11 @@ class ColdStarts:
                     yield None
                     continue
                 wait = min(wait, next_tick - now)
-            # The notifier fires when a wake or scale-out answers and when a request ends.
+            # The notifier fires when a wake or scale-out answers, when the wake's poller sees a
+            # ready instance, and when a request ends.
             self._wait_change(name, wait)
+            if waking:
+                cold_start = True  # held through a wake
             if pending is not None and pending.ready():
                     exc = pending.exception
                     if exc is None:

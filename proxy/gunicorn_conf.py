@@ -23,7 +23,11 @@ worker_class = "gevent"
 worker_connections = 2000
 keepalive = 75  # longer than common load balancers' idle timeouts (60 s), like nginx's default
 timeout = 60
-graceful_timeout = 30
+# On shutdown, idle keep-alive connections hold a gevent worker until this runs out, so keep it
+# short; requests still streaming get this long to finish.
+graceful_timeout = _settings.proxy_graceful_seconds
+# No control socket: its default path in $HOME is shared by every gunicorn on the machine.
+control_socket_disable = True
 chdir = str(ROOT)
 accesslog = None
 errorlog = "-"

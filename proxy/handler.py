@@ -98,7 +98,7 @@ class ProxyHandler:
     # ---- checks before choosing an instance ----
     def _prepare(self, environ: dict, request_id: str, started: float) -> Request | ErrorReply:
         name, path = split_endpoint_path(environ)
-        view = self.routing.get(name) if name else None
+        view = self.routing.find(name) if name else None
         if view is None:
             return errors.error(404, f"endpoint {name!r} not found; URLs look like /e/<endpoint-name>/<path>")
         allowed, strip_authorization = check_key(view, environ.get("HTTP_AUTHORIZATION"))

@@ -13,7 +13,9 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import select
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import or_, select
 
 from common.db import Database
 from common.models import (
@@ -32,6 +34,8 @@ log = logging.getLogger("standby.proxy.routing")
 
 # How long a learned instance is trusted without the database showing it.
 LEARNED_TTL_SECONDS = 30.0
+# An unknown endpoint name triggers a reload at most this often.
+MISS_RELOAD_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class RoutingView:
     # Ids the last load saw ready or past ready, per endpoint: a learned id seen there is settled.
     _known_ids: dict[str, frozenset] = field(default_factory=dict)
     loaded_at: float = 0.0
+    _miss_reloaded_at: float = 0.0
 
     def get(self, name: str) -> EndpointView | None:
         view = self._endpoints.get(name)
@@ -99,6 +104,18 @@ class RoutingView:
             return view
         live_count = max(view.live_count, len(view.instances) + len(extra))
         return replace(view, instances=view.instances + tuple(extra), live_count=live_count)
+
+    def find(self, name: str) -> EndpointView | None:
+        """`get`, but an endpoint the cached view does not know yet (created since the last
+        refresh) is looked up at once, so a brand-new endpoint answers its first request. Misses
+        reload at most every MISS_RELOAD_SECONDS, so unknown names cannot hammer the database."""
+        view = self.get(name)
+        now = time.monotonic()
+        if view is None and now - self._miss_reloaded_at >= MISS_RELOAD_SECONDS:
+            self._miss_reloaded_at = now
+            self.refresh()
+            view = self.get(name)
+        return view
 
     def learn(self, endpoint: str, instance: InstanceView) -> None:
         """An instance the lifecycle just reported ready, before the database refresh shows it."""
@@ -132,8 +149,12 @@ class RoutingView:
                     Endpoint.routes,
                 )
             ).all()
+            # Live instances, and those that ended recently enough to settle a learned id; the
+            # history of long-stopped instances would grow every refresh without bound.
+            recent = datetime.now(timezone.utc) - timedelta(seconds=2 * LEARNED_TTL_SECONDS)
             instance_rows = session.execute(
                 select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.created_at)
+                .where(or_(Instance.status.in_(INSTANCE_LIVE_STATES), Instance.stopped_at >= recent))
                 .order_by(Instance.created_at, Instance.id)
             ).all()
             key_rows = session.execute(
@@ -178,6 +199,24 @@ class RoutingView:
             )
             known[row.name] = frozenset(seen.get(row.id, ()))
         return endpoints, known
+
+    def poll_ready(self, name: str) -> bool:
+        """One endpoint's ready instances, straight from the database: while requests are held
+        for a cold start, this sees the instance the moment the worker records it ready, ahead
+        of the lifecycle's answer making its way back through Temporal. Returns whether any."""
+        try:
+            with self.database.session() as session:
+                rows = session.execute(
+                    select(Instance.id, Instance.address)
+                    .join(Endpoint, Endpoint.id == Instance.endpoint_id)
+                    .where(Endpoint.name == name, Instance.status == I_READY, Instance.address != "")
+                ).all()
+        except Exception:
+            log.exception("polling %s for ready instances failed", name)
+            return False
+        for inst_id, address in rows:
+            self.learn(name, InstanceView(inst_id, address))
+        return bool(rows)
 
     def run_forever(self) -> None:
         """Body of the refresh greenlet."""

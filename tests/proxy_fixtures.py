@@ -128,6 +128,7 @@ class ProxyWorld:
             "STANDBY_TRAFFIC_DEBOUNCE_SECONDS": "0.2",
             "STANDBY_PROXY_WORKERS": str(workers),
             "STANDBY_PROXY_LOG_LEVEL": "warning",
+            "STANDBY_PROXY_GRACEFUL_SECONDS": "1",
         })
         self.env.pop("DATABASE_URL", None)
         self.env.update(extra_env or {})

@@ -178,6 +178,22 @@ def test_route_rule_scale_out_at_max_instances_is_1007(world):
 
 # ---------------------------------------------------------------- errors
 
+def test_endpoint_created_after_the_last_refresh_answers_its_first_request(tmp_path):
+    """No waiting for the next routing-view refresh: an unknown name is looked up at once."""
+    w = ProxyWorld(tmp_path, extra_env={"STANDBY_PROXY_REFRESH_SECONDS": "60"})
+    try:
+        w.start_proxy()
+        assert requests.get(w.url("brand-new", "/echo"), timeout=10).status_code == 404
+        w.add_endpoint("brand-new", status="running")
+        w.add_instance("brand-new", "bn000001")
+        time.sleep(0.2)  # past the miss-reload rate limit
+        r = requests.get(w.url("brand-new", "/echo"), timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.headers["Deploy-Route-Target"] == "bn000001"
+    finally:
+        w.stop()
+
+
 def test_unknown_endpoint_is_404_json(world):
     r = requests.get(world.url("nope", "/x"), timeout=10)
     assert r.status_code == 404 and "not found" in r.json()["msg"]
