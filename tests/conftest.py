@@ -80,6 +80,9 @@ def _port_open(port: int) -> bool:
         return False
 
 
+USED_ENDPOINT_NAMES: set[str] = set()
+
+
 class AsyncRunner:
     """One asyncio loop on a thread, so sync tests can await a Temporal client."""
 
@@ -179,6 +182,9 @@ class Stack:
     def create_endpoint(self, name: str, **spec) -> str:
         from workflows.contracts import ENDPOINT_WORKFLOW, EndpointInput
 
+        # Workflow ids (`endpoint-<name>`) live as long as the session's Temporal server.
+        assert name not in USED_ENDPOINT_NAMES, f"endpoint name {name!r} already used in this test session"
+        USED_ENDPOINT_NAMES.add(name)
         spec.setdefault("start_command", f"{sys.executable} -m http.server $PORT --bind 127.0.0.1")
         spec.setdefault("health_path", "/")
         spec.setdefault("startup_timeout_seconds", 30)
@@ -248,3 +254,19 @@ def stack_factory(tmp_path, temporal_server, runner):
 @pytest.fixture
 def stack(stack_factory) -> Stack:
     return stack_factory()
+
+
+@pytest.fixture
+def proxied(stack_factory, tmp_path):
+    """A stack (worker + Temporal) with the real proxy under gunicorn in front of it."""
+    from tests.proxy_fixtures import ProxyProcess
+
+    stack = stack_factory(extra_env={"STANDBY_PROXY_WORKERS": "1", "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS": "0.5",
+                                     "STANDBY_PROXY_LOG_LEVEL": "warning"})
+    proxy = ProxyProcess(stack.env, tmp_path / "proxy.log")
+    proxy.start()
+    stack.proxy = proxy
+    try:
+        yield stack
+    finally:
+        proxy.stop()

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_until
-from tests.proxy_fixtures import ROOT, ProxyProcess
+from tests.proxy_fixtures import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,19 +24,6 @@ INSTANCE = f"{sys.executable} {ROOT / 'tests' / 'proxy_instance.py'} $PORT lifec
 
 def slow_instance(seconds: float) -> str:
     return f"sh -c 'sleep {seconds}; exec {sys.executable} {ROOT / 'tests' / 'proxy_instance.py'} $PORT slow'"
-
-
-@pytest.fixture
-def proxied(stack_factory, tmp_path):
-    stack = stack_factory(extra_env={"STANDBY_PROXY_WORKERS": "1", "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS": "0.5",
-                                     "STANDBY_PROXY_LOG_LEVEL": "warning"})
-    proxy = ProxyProcess(stack.env, tmp_path / "proxy.log")
-    proxy.start()
-    stack.proxy = proxy
-    try:
-        yield stack
-    finally:
-        proxy.stop()
 
 
 def url(stack, name: str, path: str) -> str:
