@@ -256,6 +256,35 @@ def stack(stack_factory) -> Stack:
     return stack_factory()
 
 
+def web_app(tmp_path, **env):
+    """The Flask app on a fresh data dir, Temporal pointed at a closed port (validation, forms
+    and the registry never need it; actions answer 503)."""
+    from webapp import create_app
+    from webapp.extensions import db
+
+    settings = load_settings({
+        "STANDBY_DATA_DIR": str(tmp_path / "data"),
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "STANDBY_GPUS": "T4:2",
+        **env,
+    })
+    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test"})
+    yield app
+    app.extensions["temporal_bridge"].close()
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def app(tmp_path):
+    yield from web_app(tmp_path)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
 @pytest.fixture
 def proxied(stack_factory, tmp_path):
     """A stack (worker + Temporal) with the real proxy under gunicorn in front of it."""

@@ -27,10 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_SCRIPT = ROOT / "tests" / "proxy_instance.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port  # noqa: E402  (re-exported for the benchmarks)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):

@@ -9,13 +9,7 @@ from sqlalchemy import select
 
 from common.models import ApiKey
 from tests.test_webapp_ui import create_via_api, csrf_token
-from tests.test_webapp_validation import make_app
 from webapp.extensions import db
-
-
-@pytest.fixture
-def app(tmp_path):
-    yield from make_app(tmp_path)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tests.test_webapp_validation import make_app
+from tests.conftest import web_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -28,7 +28,7 @@ pytestmark = [
 def base_url(tmp_path):
     from werkzeug.serving import make_server
 
-    apps = make_app(tmp_path)
+    apps = web_app(tmp_path)
     app = next(apps)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -4,13 +4,11 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import socket
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from common.config import load_settings
 from common.models import ModelVersion
 from tests.test_sources import (
     arith_files,
@@ -21,37 +19,17 @@ from tests.test_sources import (
     tar_hardlink,
     tar_symlink,
 )
-from webapp import create_app
+from tests.conftest import web_app
 from webapp.extensions import db
 from workers.sources import populate_routes_source, source_snapshot
 
 MAX_ARCHIVE = 64 * 1024
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def app(tmp_path):
-    settings = load_settings({
-        "STANDBY_DATA_DIR": str(tmp_path / "data"),
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}",  # the registry never needs Temporal
-        "STANDBY_MODEL_MAX_ARCHIVE_BYTES": str(MAX_ARCHIVE),
-        "STANDBY_MODEL_MAX_UNPACKED_BYTES": str(4 * MAX_ARCHIVE),
-    })
-    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test"})
-    yield app
-    app.extensions["temporal_bridge"].close()
-    with app.app_context():
-        db.engine.dispose()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    yield from web_app(tmp_path, STANDBY_MODEL_MAX_ARCHIVE_BYTES=str(MAX_ARCHIVE),
+                       STANDBY_MODEL_MAX_UNPACKED_BYTES=str(4 * MAX_ARCHIVE))
 
 
 @pytest.fixture

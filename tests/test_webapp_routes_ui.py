@@ -1,5 +1,5 @@
 """The create form's "routes" source: form -> review -> confirm, errors that keep the user's
-input, and the connect panel's example calls. Temporal is a closed port (see make_app)."""
+input, and the connect panel's example calls. Temporal is a closed port (see tests/conftest.py web_app)."""
 from __future__ import annotations
 
 import html
@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from common.models import Endpoint
 from tests.test_webapp_ui import csrf_token, draft_token
-from tests.test_webapp_validation import FORM_VALID, count_endpoints, make_app
+from tests.test_webapp_validation import FORM_VALID, count_endpoints
 from webapp.extensions import db
 
 ROUTES = [
@@ -20,16 +20,6 @@ ROUTES = [
      "params": [{"name": "x", "type": "float", "default": 2.5},
                 {"name": "mode", "type": "str", "default": "fast", "choices": ["fast", "exact"]}]},
 ]
-
-
-@pytest.fixture
-def app(tmp_path):
-    yield from make_app(tmp_path)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 @pytest.fixture

@@ -8,20 +8,10 @@ import pytest
 from sqlalchemy import select
 
 from common.models import FAILED, RUNNING, STOPPED, Endpoint, Instance
-from tests.test_webapp_validation import FORM_VALID, VALID, count_endpoints, make_app
+from tests.test_webapp_validation import FORM_VALID, VALID, count_endpoints
 from webapp.extensions import db
 
 SECRET = "s3cr3t-value-never-shown"
-
-
-@pytest.fixture
-def app(tmp_path):
-    yield from make_app(tmp_path)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def csrf_token(page: str) -> str:

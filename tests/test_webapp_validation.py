@@ -2,45 +2,13 @@
 from __future__ import annotations
 
 import re
-import socket
 
 import pytest
 from sqlalchemy import func, select
 
-from common.config import load_settings
 from common.models import TERMINATED, Endpoint
-from webapp import create_app
+from tests.conftest import web_app
 from webapp.extensions import db
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_app(tmp_path, **env):
-    settings = load_settings({
-        "STANDBY_DATA_DIR": str(tmp_path / "data"),
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{closed_port()}",
-        "STANDBY_GPUS": "T4:2",
-        **env,
-    })
-    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test"})
-    yield app
-    app.extensions["temporal_bridge"].close()
-    with app.app_context():
-        db.engine.dispose()
-
-
-@pytest.fixture
-def app(tmp_path):
-    yield from make_app(tmp_path)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def count_endpoints(app) -> int:
@@ -133,7 +101,7 @@ def test_terminated_tombstone_is_replaced_only_when_its_workflow_is_known_closed
 
 
 def test_short_startup_timeout_allowed_through_config(tmp_path):
-    for app in make_app(tmp_path, STANDBY_MIN_STARTUP_TIMEOUT_SECONDS="2"):
+    for app in web_app(tmp_path, STANDBY_MIN_STARTUP_TIMEOUT_SECONDS="2"):
         response = app.test_client().post("/api/v1/endpoints", json={**VALID, "startup_timeout_seconds": 2})
         assert response.status_code == 503  # valid; only Temporal is missing
         assert response.get_json()["endpoint"]["startup_timeout_seconds"] == 2
