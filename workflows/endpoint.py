@@ -225,7 +225,8 @@ class EndpointWorkflow:
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
             if view.status == lc.I_NEW:  # its first report may already have arrived
-                view.status = "queued"
+                # Only an instance that needs GPUs waits in a queue; others provision at once.
+                view.status = "queued" if self.state.spec.gpu_count > 0 else "provisioning"
 
     async def _undrain_one(self) -> bool:
         """Demand came back while an instance drains: keep it instead of starting another."""
@@ -273,7 +274,7 @@ class EndpointWorkflow:
         await workflow.execute_local_activity(
             "record_endpoint_status",
             EndpointStatusUpdate(self.name, status, reason, state.stopped_at, state.purge_at,
-                                 event_kind="status", event_message=f"status {status}" + (f": {reason}" if reason else "")),
+                                 event_kind="status", event_message=f"endpoint is {status}" + (f": {reason}" if reason else "")),
             **DB_WRITE)
 
     async def _event(self, kind: str, message: str, instance_id: str | None = None) -> None:
