@@ -63,6 +63,11 @@ def test_api_lifecycle(stack, api):
     logs = api.get("/api/v1/endpoints/api-one/logs").json["lines"]
     assert any("started on" in line["line"] for line in logs)
 
+    # The workflow's own view, through the API (the `status` query).
+    live = api.get("/api/v1/endpoints/api-one/workflow").json
+    assert live["workflow_id"] == "endpoint-api-one"
+    assert live["state"]["desired"] == "serving" and live["state"]["instances"][0]["id"] == iid
+
     # Scale-out up to max instances (1): quota exceeded -> 1007.
     r = api.post("/api/v1/endpoints/api-one/scale-out")
     assert r.status_code == 409 and r.json["code"] == 1007

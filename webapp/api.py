@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from webapp import api_keys
-from webapp.extensions import db, gpu_inventory, settings
+from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.spec import validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -140,6 +140,17 @@ def endpoint_action(name: str, action: str):
     if action == "scale-out" or (action == "wake" and wait):
         return result, 200
     return {"action": action, **result}, 202
+
+
+@bp.get("/endpoints/<name>/workflow")
+def workflow_status(name: str):
+    """What the endpoint's workflow holds right now (its `status` query): desired state,
+    generation, pending wake, in-flight requests per instance."""
+    endpoint = get_endpoint(name)
+    try:
+        return {"workflow_id": endpoint.workflow_id, "state": bridge().query_status(name)}
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc, endpoint)
 
 
 @bp.get("/endpoints/<name>/instances")

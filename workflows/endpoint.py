@@ -7,7 +7,6 @@ turns signals into state changes and decisions into activities and child workflo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
@@ -65,32 +64,6 @@ DB_WRITE = dict(
     retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)),
 )
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-
-
-@dataclass
-class InstanceStatusView:
-    id: str
-    status: str
-    generation: int
-    address: str
-    in_flight: int
-    ready_at: float | None
-    reason: str
-
-
-@dataclass
-class EndpointStatusView:
-    name: str
-    status: str
-    desired: str
-    generation: int
-    reason: str
-    wake_pending: bool
-    stopped_at: float | None
-    purge_at: float | None
-    min_instances: int
-    max_instances: int
-    instances: list[InstanceStatusView] = field(default_factory=list)
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -453,25 +426,5 @@ class EndpointWorkflow:
 
     # ---------------------------------------------------------------- query
     @workflow.query(name=QUERY_STATUS)
-    def status(self) -> EndpointStatusView:
-        state = self.state
-        if state is None:
-            return EndpointStatusView(self.name, "creating", lc.SERVING, 0, "", False, None, None, 0, 0)
-        traffic = lc.aggregate_traffic(state, self._now())
-        return EndpointStatusView(
-            name=self.name,
-            status=lc.derive_status(state),
-            desired=state.desired,
-            generation=state.generation,
-            reason=state.failure_reason,
-            wake_pending=state.wake_pending,
-            stopped_at=state.stopped_at,
-            purge_at=state.purge_at,
-            min_instances=state.spec.min_instances,
-            max_instances=state.spec.max_instances,
-            instances=[
-                InstanceStatusView(v.id, v.status, v.generation, v.address,
-                                   traffic.get(v.id, lc.Traffic()).in_flight, v.ready_at, v.reason)
-                for v in state.instances.values()
-            ],
-        )
+    def status(self) -> lc.EndpointStatusView:
+        return lc.status_view(self.name, self.state, self._now())

@@ -223,3 +223,53 @@ def prune(state: EndpointState, now: float, keep_seconds: float = 60.0) -> None:
         report.instances = [i for i in report.instances if i.instance_id in known]
     live_ids = set(state.instances)
     state.scale_outs = {k: v for k, v in state.scale_outs.items() if v in live_ids}
+
+
+@dataclass
+class InstanceStatusView:
+    id: str
+    status: str
+    generation: int
+    address: str
+    in_flight: int
+    ready_at: float | None
+    reason: str
+
+
+@dataclass
+class EndpointStatusView:
+    name: str
+    status: str
+    desired: str
+    generation: int
+    reason: str
+    wake_pending: bool
+    stopped_at: float | None
+    purge_at: float | None
+    min_instances: int
+    max_instances: int
+    instances: list[InstanceStatusView] = field(default_factory=list)
+
+
+def status_view(name: str, state: EndpointState | None, now: float) -> EndpointStatusView:
+    """The `status` query's answer (also what `temporal workflow query --type status` prints)."""
+    if state is None:
+        return EndpointStatusView(name, "creating", SERVING, 0, "", False, None, None, 0, 0)
+    traffic = aggregate_traffic(state, now)
+    return EndpointStatusView(
+        name=name,
+        status=derive_status(state),
+        desired=state.desired,
+        generation=state.generation,
+        reason=state.failure_reason,
+        wake_pending=state.wake_pending,
+        stopped_at=state.stopped_at,
+        purge_at=state.purge_at,
+        min_instances=state.spec.min_instances,
+        max_instances=state.spec.max_instances,
+        instances=[
+            InstanceStatusView(v.id, v.status, v.generation, v.address, traffic.get(v.id, Traffic()).in_flight,
+                               v.ready_at, v.reason)
+            for v in state.instances.values()
+        ],
+    )
