@@ -99,6 +99,10 @@ def cmd_up(settings: Settings) -> int:
         return proc
 
     try:
+        # One process creates the schema before the others start and read it.
+        from common.db import Database
+
+        Database(settings.database_url).engine.dispose()
         if not settings.temporal_address:
             temporal = start("temporal", temporal_command(settings))
             wait_for_port("temporal", settings.temporal_port, 60, temporal)

@@ -4,7 +4,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import time
+
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,8 +46,17 @@ def make_engine(database_url: str) -> Engine:
     return engine
 
 
-def create_schema(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
+def create_schema(engine: Engine, attempts: int = 10) -> None:
+    """Create missing tables. Web app, proxy workers and worker start together on a fresh
+    database and race to create the same tables: the loser sees "already exists" and looks again."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            if "already exists" not in str(exc) and "duplicate key" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 class Database:

@@ -14,7 +14,7 @@ from flask_wtf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from common.config import Settings, load_settings
-from common.db import engine_options, install_sqlite_pragmas
+from common.db import create_schema, engine_options, install_sqlite_pragmas
 from webapp.extensions import db
 from webapp.temporal_bridge import TemporalBridge
 
@@ -65,7 +65,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     db.init_app(app)
     with app.app_context():
         install_sqlite_pragmas(db.engine)
-        db.create_all()
+        create_schema(db.engine)
     csrf.init_app(app)
 
     from webapp import api, ui
