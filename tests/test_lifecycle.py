@@ -239,3 +239,15 @@ def test_wake_during_drain_keeps_instance_then_idle_release(stack_factory):
     kinds = [ev.kind for ev in stack.events("und")]
     assert kinds.count("instance_undrained") == 1
     assert not stack.query("und")["wake_pending"]
+
+
+def test_crash_loop_fails_the_endpoint(stack):
+    """Instances that become ready and die again and again are not replaced forever."""
+    cmd = f"exec timeout 2 {sys.executable} -m http.server $PORT --bind 127.0.0.1"
+    stack.create_endpoint("crashloop", start_command=cmd, min_instances=1)
+    e = stack.wait_status("crashloop", "failed", 90)
+    assert "crash loop" in e.status_reason
+    died = [i for i in stack.instances("crashloop") if i.status == "failed"]
+    assert len(died) >= 3 and all(i.ready_at is not None for i in died)
+    wait_until(lambda: not [i for i in stack.instances("crashloop") if i.status not in ("stopped", "failed")], 30,
+               message="no live instance left")

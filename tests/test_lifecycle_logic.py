@@ -307,3 +307,11 @@ def test_prune_drops_long_gone_reporters_only():
     report(state, "quiet", sent_at=NOW - 10 * lc.STALE_REPORT_SECONDS + 1, a=(0, NOW - 900))
     lc.prune(state, NOW)
     assert set(state.traffic) == {"quiet"}
+
+
+def test_crash_loop_needs_three_deaths_within_the_window():
+    state = lc.EndpointState(spec=LifecycleSpec(name="ep"))
+    assert not lc.record_death(state, 1000.0)
+    assert not lc.record_death(state, 1000.0 + lc.CRASH_LOOP_WINDOW_SECONDS + 1)  # the first aged out
+    assert not lc.record_death(state, 1000.0 + lc.CRASH_LOOP_WINDOW_SECONDS + 2)
+    assert lc.record_death(state, 1000.0 + lc.CRASH_LOOP_WINDOW_SECONDS + 3)

@@ -366,6 +366,13 @@ class EndpointWorkflow:
                 state.failure_reason = change.reason
                 state.wake_pending = False
                 self._note("failed", f"instance {view.id} never became ready: {change.reason}")
+            elif change.status == I_FAILED and view.ready_at is not None and not view.release_sent \
+                    and state.desired == lc.SERVING and lc.record_death(state, change.at):
+                state.desired = lc.WANT_FAILED
+                state.failure_reason = (f"crash loop: {lc.CRASH_LOOP_DEATHS} instances died within "
+                                        f"{lc.CRASH_LOOP_WINDOW_SECONDS / 60:.0f} min; last: {change.reason}")
+                state.wake_pending = False
+                self._note("failed", state.failure_reason)
         self._dirty = True
 
     # ---------------------------------------------------------------- updates

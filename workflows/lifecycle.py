@@ -74,12 +74,26 @@ class EndpointState:
     published_reason: str = ""
     scale_outs: dict[str, str] = field(default_factory=dict)  # request id -> instance id
     spec_reload_pending: bool = False
+    # When serving instances died (not released): a crash loop fails the endpoint.
+    deaths: list[float] = field(default_factory=list)
 
 
 @dataclass
 class Traffic:
     in_flight: int = 0
     last_request_at: float = 0.0
+
+
+# An endpoint whose instances keep dying right after becoming ready would burn GPUs forever
+# being replaced: this many deaths within the window fail it instead.
+CRASH_LOOP_DEATHS = 3
+CRASH_LOOP_WINDOW_SECONDS = 600.0
+
+
+def record_death(state: EndpointState, at: float) -> bool:
+    """Note a serving instance's death; True when the deaths amount to a crash loop."""
+    state.deaths = [t for t in state.deaths if at - t < CRASH_LOOP_WINDOW_SECONDS] + [at]
+    return len(state.deaths) >= CRASH_LOOP_DEATHS
 
 
 def live(state: EndpointState) -> list[InstanceView]:
