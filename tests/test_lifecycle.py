@@ -11,11 +11,9 @@ import requests
 
 from tests.conftest import wait_until
 from workflows.contracts import (
-    ERR_NOT_SERVING,
     ERR_REPLICA_QUOTA,
     ScaleOutRequest,
     WakeRequest,
-    WakeResult,
 )
 from temporalio.client import WorkflowUpdateFailedError
 
@@ -42,7 +40,7 @@ def test_create_wake_serve_and_idle_release(stack):
 
     result = stack.update("web1", "wake_until_ready", WakeRequest(), timeout=60)
     assert isinstance(result, dict) or result  # the raw client returns a dict without a type hint
-    e = stack.wait_status("web1", "running", 20)
+    stack.wait_status("web1", "running", 20)
     [inst] = stack.instances("web1")
     assert inst.status == "ready" and inst.address.startswith("127.0.0.1:")
     assert len(inst.id) == 8 and inst.id.isalpha()
@@ -92,7 +90,7 @@ def test_gpu_queue_fifo(stack):
     assert "GPUs [0]" in log or "granted" in log or a.gpus == [0]
 
     stack.signal("gpu-b", "wake")
-    b_ep = stack.wait_status("gpu-b", "queued", 30)
+    stack.wait_status("gpu-b", "queued", 30)
     wait_until(lambda: stack.endpoint("gpu-b").queue_position == 1, 10, message="queue position 1")
     [b] = stack.instances("gpu-b")
     assert b.status == "queued" and b.queue_position == 1

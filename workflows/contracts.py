@@ -6,7 +6,7 @@ Every message is one dataclass so that fields can be added without breaking runn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from workflows.traffic_types import InstanceTraffic, TrafficReport  # noqa: F401 (re-exported)
 

@@ -11,7 +11,7 @@ instance; parent and child talk by workflow id.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio import workflow
@@ -24,7 +24,6 @@ with workflow.unsafe.imports_passed_through():
         I_PROVISIONING,
         I_QUEUED,
         I_READY,
-        I_STARTING,
         I_STOPPED,
         I_STOPPING,
     )
