@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from tests.conftest import AsyncRunner, Stack, free_port, temporal_bin, wait_until  # noqa: E402
+from tests.conftest import AsyncRunner, Stack, _port_open, free_port, temporal_bin, wait_until  # noqa: E402
 from tests.proxy_fixtures import ProxyProcess  # noqa: E402
 
 
@@ -87,15 +87,6 @@ def main() -> None:
         temporal.wait(20)
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
