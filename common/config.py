@@ -47,6 +47,11 @@ class Settings:
     task_queue: str = "standby"
     host: str = field(default_factory=socket.gethostname)
     bind: str = "127.0.0.1"
+    # Where the proxy and the health probes reach this host's instances (an IP or a name), and
+    # the local address instance ports are published on. One host: loopback for both. A worker
+    # on another machine than the proxy advertises an address the proxy can reach.
+    advertise_address: str = "127.0.0.1"
+    instance_bind: str = "127.0.0.1"
     # Bounds for startup_timeout_seconds accepted from users (the issue's 3-120 minutes);
     # tests lower the minimum so a readiness timeout takes seconds, not minutes.
     min_startup_timeout_seconds: int = 180
@@ -105,11 +110,24 @@ class Settings:
         return f"{self.task_queue}-host-{self.host}"
 
 
+def _default_instance_bind(advertise: str) -> str:
+    """Publish instance ports on the advertised address when it is a local IP; behind a name
+    (e.g. host.docker.internal) it may not be one, so publish on every interface."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(advertise)
+    except ValueError:
+        return "0.0.0.0"
+    return advertise
+
+
 def load_settings(env: dict | None = None) -> Settings:
     env = os.environ if env is None else env
     data_dir = Path(env.get("STANDBY_DATA_DIR") or "./data").resolve()
     database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'standby.db'}"
     secret_key = env.get("STANDBY_SECRET_KEY", "")
+    advertise = env.get("STANDBY_ADVERTISE_ADDRESS") or "127.0.0.1"
     return Settings(
         data_dir=data_dir,
         web_port=_int(env, "STANDBY_WEB_PORT", 5000),
@@ -124,6 +142,8 @@ def load_settings(env: dict | None = None) -> Settings:
         task_queue=env.get("STANDBY_TASK_QUEUE") or "standby",
         host=env.get("STANDBY_HOST") or socket.gethostname(),
         bind=env.get("STANDBY_BIND") or "127.0.0.1",
+        advertise_address=advertise,
+        instance_bind=env.get("STANDBY_INSTANCE_BIND") or _default_instance_bind(advertise),
         min_startup_timeout_seconds=_int(env, "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS", 180),
         max_startup_timeout_seconds=_int(env, "STANDBY_MAX_STARTUP_TIMEOUT_SECONDS", 7200),
         stop_grace_seconds=_float(env, "STANDBY_STOP_GRACE_SECONDS", 10.0),
