@@ -78,7 +78,8 @@ class Endpoint(Base):
     max_instances: Mapped[int] = mapped_column(Integer, default=1)
     idle_retention_seconds: Mapped[int] = mapped_column(Integer, default=600)
     startup_timeout_seconds: Mapped[int] = mapped_column(Integer, default=1200)
-    health_path: Mapped[str] = mapped_column(String(255), default="/ping")
+    # Empty: any HTTP answer below 500 on the port means ready; set: HTTP 200 there.
+    health_path: Mapped[str] = mapped_column(String(255), default="")
     health_interval_seconds: Mapped[int] = mapped_column(Integer, default=10)
 
     # Proxy settings (issue 3).

@@ -34,8 +34,11 @@ from common.route_values import (
 
 METHODS = ("POST", "GET")
 CALL_STYLES = ("keyword", "positional")
-# The runtime answers the health check itself; a route there would never be reached.
-RESERVED_PATHS = ("/ping",)
+# The built-in runtime answers its health check here (503 while loading, 200 once every function
+# is found); the worker probes it and the proxy answers it for a sleeping endpoint. A route
+# there would never be reached.
+RUNTIME_HEALTH_PATH = "/ping"
+RESERVED_PATHS = (RUNTIME_HEALTH_PATH,)
 
 ROUTE_KEYS = ("method", "path", "file", "function", "call", "params")
 PARAM_KEYS = ("name", "type", "required", "default", "ge", "le", "choices", "regex",

@@ -28,12 +28,12 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from common.routes import check_request, normalize_routes, route_method, validate_routes
+from common.routes import RUNTIME_HEALTH_PATH, check_request, normalize_routes, route_method, validate_routes
 from runtime.loader import LoadedRoute, LoadError, load_routes
 
 EXIT_BAD_TEMPLATE = 2
 EXIT_LOAD_FAILED = 3
-HEALTH_PATH = "/ping"
+HEALTH_PATH = RUNTIME_HEALTH_PATH
 _EMPTY = object()
 
 

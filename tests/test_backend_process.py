@@ -37,7 +37,7 @@ def backend(settings):
 def make_spec(settings, instance_id, command, source_dir=None, **kwargs) -> LaunchSpec:
     workdir = prepare_workdir(settings, instance_id, source_dir)
     return LaunchSpec(instance_id=instance_id, endpoint_name="ep", start_command=command, image="",
-                      port=0, workdir=str(workdir), log_path=str(log_path_for(settings, instance_id)),
+                      port=8080, workdir=str(workdir), log_path=str(log_path_for(settings, instance_id)),
                       **kwargs)
 
 
@@ -82,7 +82,7 @@ def test_http_server_launches_and_answers(settings, backend):
     assert launched.address == f"127.0.0.1:{launched.port}"
     result = wait_until_ready(launched.address, "/", 15, lambda: backend.liveness("web1"), lambda: None)
     assert result.ready, result.reason
-    assert probe(launched.address, "/", 2.0) == (True, "HTTP 200")
+    assert probe(launched.address, "/", 2.0) == (True, "GET / -> HTTP 200")
     assert backend.liveness("web1").alive
     assert backend.running_instance_ids() == ["web1"]
     state = json.loads(state_path_for(settings, "web1").read_text())
@@ -122,7 +122,8 @@ def test_environment_gpus_user_env_and_no_internal_leaks(settings, backend, monk
     env = json.loads((Path(spec.workdir) / "env.json").read_text())
     assert env["CUDA_VISIBLE_DEVICES"] == expected
     assert env["MODEL"] == "tiny"
-    assert env["PORT"] == str(launched.port)  # a user's env cannot take another port
+    # A user's env cannot take another port: the declared port, in the instance's own namespace.
+    assert env["PORT"] == "8080" and launched.port != 8080
     assert env["STANDBY_INSTANCE_ID"] == "env1"
     assert "STANDBY_SECRET_KEY" not in env and "DATABASE_URL" not in env
     assert "PATH" in env
@@ -287,3 +288,61 @@ def test_concurrent_launches_from_threads_get_distinct_ports(settings, backend):
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda spec: backend.stop(spec.instance_id, 1.0), specs))
     assert backend.running_instance_ids() == []
+
+
+FIXED_PORT_SERVER = f"{sys.executable} -m http.server 8080"
+
+
+def test_fixed_port_commands_run_side_by_side_in_their_own_namespaces(settings, backend):
+    """The tutorial's command, twice, on one host: each instance listens on 8080 in its own
+    network namespace and is reached through its own host port."""
+    launched = []
+    for iid in ("fixed1", "fixed2"):
+        spec = make_spec(settings, iid, FIXED_PORT_SERVER)
+        (Path(spec.workdir) / "who.txt").write_text(iid)
+        launched.append(backend.launch(spec))
+    for iid, instance in zip(("fixed1", "fixed2"), launched):
+        assert instance.port != 8080
+        assert wait_until_ready(instance.address, "", 15, lambda i=iid: backend.liveness(i)).ready
+        import urllib.request
+
+        assert urllib.request.urlopen(f"http://{instance.address}/who.txt", timeout=5).read() == iid.encode()
+    state = json.loads(state_path_for(settings, "fixed1").read_text())
+    assert state["inner_port"] == 8080 and state["netns"] in ("net", "user+net")
+    # Stopping the instance stops its relay and its server (one process group).
+    marker = str(state_path_for(settings, "fixed1"))
+    assert len(processes_with_marker(marker)) >= 2
+    backend.stop("fixed1", 2.0)
+    assert processes_with_marker(marker) == []
+    assert backend.liveness("fixed2").alive
+
+
+def test_fixed_port_refused_until_the_server_listens_inside(settings, backend):
+    """Until the server listens, the host port refuses connections (as a plain server would), so
+    the readiness probe's answer says what is going on."""
+    spec = make_spec(settings, "late1", f"sleep 1; exec {FIXED_PORT_SERVER}")
+    launched = backend.launch(spec)
+    assert probe(launched.address, "", 1.0) == (False, "GET / -> connection refused")
+    assert wait_until_ready(launched.address, "", 15, lambda: backend.liveness("late1")).ready
+
+
+def test_fixed_port_exit_code_and_signal_are_the_servers(settings, backend):
+    backend.launch(make_spec(settings, "code1", "echo bye; exit 7"))
+    wait_for(lambda: not backend.liveness("code1").alive, what="exit")
+    assert backend.liveness("code1").exit_code == 7
+    launched = backend.launch(make_spec(settings, "kill1", "kill -9 $$"))
+    wait_for(lambda: not backend.liveness("kill1").alive, what="exit")
+    assert backend.liveness("kill1").exit_code == -9
+    assert launched.pid
+
+
+def test_fixed_port_refused_where_no_namespace_can_be_made(settings, backend, monkeypatch):
+    from workers.backends.base import LaunchRefused
+    import workers.backends.process as process_backend
+
+    monkeypatch.setattr(process_backend, "namespace_mode", lambda: None)
+    with pytest.raises(LaunchRefused, match=r"\$PORT"):
+        backend.launch(make_spec(settings, "nons1", FIXED_PORT_SERVER))
+    # $PORT commands need no namespace.
+    launched = backend.launch(make_spec(settings, "nons2", HTTP_SERVER))
+    assert wait_until_ready(launched.address, "", 15, lambda: backend.liveness("nons2")).ready

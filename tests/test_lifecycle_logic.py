@@ -10,7 +10,7 @@ from workflows.traffic_types import InstanceTraffic, TrafficReport
 NOW = 1_000_000.0
 
 
-def make_state(*, min_instances=0, max_instances=3, idle=60, grace=3.0, desired=lc.SERVING, **kw) -> lc.EndpointState:
+def make_state(*, min_instances=0, max_instances=3, idle=60, grace=0.0, desired=lc.SERVING, **kw) -> lc.EndpointState:
     spec = LifecycleSpec(name="ep", min_instances=min_instances, max_instances=max_instances,
                          idle_retention_seconds=idle, drain_grace_seconds=grace)
     return lc.EndpointState(spec=spec, desired=desired, **kw)
@@ -163,6 +163,21 @@ def test_idle_retention_counts_from_ready_then_from_last_request():
     # A request 10 s ago pushes the release to 50 s from now.
     report(state, "p1", sent_at=NOW, a=(0, NOW - 10))
     assert lc.idle_to_drain(state, NOW) == ([], NOW + 50)
+
+
+def test_drain_begins_a_grace_early_so_the_release_lands_on_the_retention():
+    state = make_state(idle=60, grace=2.0)
+    add(state, "a", lc.I_READY, ready_at=NOW - 50)
+    assert lc.idle_to_drain(state, NOW) == ([], NOW + 8)  # 60 - 50 - 2
+    assert lc.idle_to_drain(state, NOW + 8) == (["a"], None)
+    state.instances["a"].status, state.instances["a"].draining_since = lc.I_DRAINING, NOW + 8
+    # Released exactly when the retention ends: last activity + 60 s.
+    assert lc.drained(state, NOW + 8) == ([], NOW + 10)
+    assert lc.drained(state, NOW + 10) == (["a"], None)
+    # A retention shorter than the grace drains as soon as the instance is idle.
+    short = make_state(idle=1, grace=2.0)
+    add(short, "b", lc.I_READY, ready_at=NOW)
+    assert lc.idle_to_drain(short, NOW) == (["b"], None)
 
 
 def test_idle_never_drains_below_min_instances():

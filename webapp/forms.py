@@ -48,9 +48,12 @@ class EndpointForm(FlaskForm):
         description='A JSON list, e.g. [{"method": "POST", "path": "/predict", "file": "predict.py", '
                     '"function": "predict", "call": "keyword", "params": [{"name": "text", "type": "str"}]}]',
     )
-    start_command = StringField("Start command", description="Shell command; $PORT / {port} is the port to listen on.")
+    start_command = StringField("Start command", description="Shell command that starts your server, as its "
+                                "tutorial writes it, e.g. python -m http.server 8080.")
     image = StringField("Container image", description="Only for the docker backend; leave empty for the process backend.")
-    port = StringField("Port", default="8080", description="Port inside a container; the process backend assigns one via $PORT.")
+    port = StringField("Port", default="8080", description="The port your server listens on. Each instance gets "
+                       "its own network namespace, so many can use the same port; or write $PORT in the "
+                       "command to get a free port instead.")
     source_dir = StringField("Source directory", description="Optional; copied fresh into each instance's working directory.")
     env_plain = TextAreaField("Environment variables", description="One KEY=value per line.")
     env_secret = TextAreaField(
@@ -66,7 +69,8 @@ class EndpointForm(FlaskForm):
     max_instances = StringField("Max instances", default="1")
     idle_retention_minutes = StringField("Idle retention (minutes)", default="10")
     startup_timeout_minutes = StringField("Startup timeout (minutes)", default="20")
-    health_path = StringField("Health path", default="/ping")
+    health_path = StringField("Health path", default="", description="Empty: ready when the port answers HTTP "
+                              "(any status below 500). Set: ready when this path answers 200, e.g. /health.")
     health_interval_seconds = StringField("Health-check interval (seconds)", default="10")
     max_concurrency = StringField("Max concurrent requests per instance", default="0", description="0 = unlimited.")
     balancing = SelectField("Load balancing", choices=[SelectChoice(b, b.replace("_", " ")) for b in BALANCING], validate_choice=False)

@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "max_instances": 1,
     "idle_retention_seconds": 600,
     "startup_timeout_seconds": 1200,
-    "health_path": "/ping",
+    # Empty: ready when the port answers HTTP below 500 (README "Readiness"); set: 200 there.
+    "health_path": "",
     "health_interval_seconds": 10,
     "max_concurrency": 0,
     "balancing": "round_robin",
@@ -147,9 +148,11 @@ def _gpu_count(value: Any) -> int:
 
 
 def _health_path(value: Any) -> str:
-    text = _as_str(value) or "/ping"
-    if not text.startswith("/") or any(c.isspace() for c in text):
-        raise _Invalid(f"must be a path starting with '/' and without spaces, e.g. /ping; got {text!r}")
+    text = _as_str(value)
+    if text and (not text.startswith("/") or any(c.isspace() for c in text)):
+        raise _Invalid(f"must be empty (any HTTP answer below 500 on the port means ready) or a path "
+                       f"starting with '/' and without spaces that answers 200 when ready, e.g. /health; "
+                       f"got {text!r}")
     return text
 
 
@@ -364,7 +367,13 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
 
     if clean.get("source_kind") == "server":
         if "start_command" in clean and not clean["start_command"] and not clean.get("image"):
-            errors["start_command"] = "start_command is required: the shell command that starts your server, e.g. python -m http.server $PORT"
+            errors["start_command"] = ("start_command is required: the shell command that starts your server, "
+                                       "e.g. python -m http.server 8080 (with port 8080)")
+        elif clean.get("start_command") and settings.backend == "process":
+            from workers.ports import fixed_port_refusal, namespace_mode, uses_port_placeholder
+
+            if not uses_port_placeholder(clean["start_command"]) and namespace_mode() is None:
+                errors["start_command"] = "start_command: " + fixed_port_refusal(clean.get("port") or 8080)
     elif clean.get("source_kind") == "routes":
         _validate_routes_source(clean, errors, session)
 

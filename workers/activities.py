@@ -30,7 +30,8 @@ from common.models import (
     Event,
     Instance,
 )
-from workers.backends.base import Backend, LaunchSpec
+from common.routes import RUNTIME_HEALTH_PATH
+from workers.backends.base import Backend, LaunchRefused, LaunchSpec
 from workflows.activity_types import (
     EndpointStatusUpdate,
     EventRecord,
@@ -52,6 +53,9 @@ from workflows.activity_types import (
 from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
 
 log = logging.getLogger(__name__)
+# A proxy reports a request that began after a quiet spell within its report tick (proxy/traffic.py);
+# this covers that tick and the signal's way to the workflow.
+URGENT_REPORT_ALLOWANCE_SECONDS = 0.5
 
 
 @dataclass
@@ -129,12 +133,14 @@ class StandbyActivities:
             return LifecycleSpec(
                 name=e.name, min_instances=e.min_instances, max_instances=e.max_instances,
                 idle_retention_seconds=e.idle_retention_seconds, startup_timeout_seconds=e.startup_timeout_seconds,
-                health_path=e.health_path or "/ping", health_interval_seconds=e.health_interval_seconds,
+                # Routes endpoints are served by the built-in runtime, which answers /ping once loaded.
+                health_path=RUNTIME_HEALTH_PATH if e.source_kind == "routes" else (e.health_path or ""),
+                health_interval_seconds=e.health_interval_seconds,
                 gpu_type=e.gpu_type or "", gpu_count=e.gpu_count,
                 # One host today: its GPU pool is named after it and its activities use its queue.
                 pool=s.host, host_task_queue=s.host_task_queue,
                 purge_after_seconds=s.purge_after_seconds, stop_grace_seconds=s.stop_grace_seconds,
-                drain_grace_seconds=s.proxy_refresh_seconds + s.traffic_debounce_seconds + 1.0,
+                drain_grace_seconds=s.proxy_refresh_seconds + URGENT_REPORT_ALLOWANCE_SECONDS,
                 continue_as_new_events=s.continue_as_new_events,
             )
 
@@ -204,7 +210,7 @@ class StandbyActivities:
 
         Retried after a worker crash: the heartbeat details carry what the first attempt
         launched, and a process that still runs is adopted instead of started twice."""
-        from workers.health import wait_until_ready
+        from workers.health import expectation, wait_until_ready
 
         info = activity.info()
         launched = None
@@ -224,20 +230,31 @@ class StandbyActivities:
                 inp.endpoint, inp.instance_id, "starting", generation=inp.generation, gpu_type=inp.gpu_type,
                 gpus=list(inp.gpus), host=prov.host, address=prov.address, port=prov.port, pid=prov.pid,
                 container_id=prov.container_id, workdir=prov.workdir, log_path=prov.log_path,
-                started_at=launched["started_at"], event_kind="instance_starting",
-                event_message=f"instance {inp.instance_id} started at {prov.address}, probing {inp.health_path}"))
+                started_at=launched["started_at"], reason=f"waiting for {expectation(inp.health_path)}",
+                event_kind="instance_starting",
+                event_message=f"instance {inp.instance_id} started at {prov.address}, "
+                              f"waiting for {expectation(inp.health_path)}"))
         deadline = launched["started_at"] + inp.startup_timeout_seconds
+        progress = _ProbeProgress(self, inp.endpoint, inp.instance_id)
         result = wait_until_ready(
             launched["address"], inp.health_path, max(0.0, deadline - time.time()),
             is_alive=lambda: self.backend.liveness(inp.instance_id),
             heartbeat=lambda: activity.heartbeat(launched),
+            on_answer=progress,
         )
         ready_at = time.time() if result.ready else None
+        reason = result.reason
         if result.ready:
             self.record_instance(InstanceRecord(
-                inp.endpoint, inp.instance_id, "ready", ready_at=ready_at, event_kind="instance_ready",
-                event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']}"))
-        return StartInstanceResult(ready=result.ready, reason=result.reason, seconds=result.seconds,
+                inp.endpoint, inp.instance_id, "ready", ready_at=ready_at, reason="", event_kind="instance_ready",
+                event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']} "
+                              f"({result.reason})"))
+        else:
+            # The reason travels to every held request (README "Cold starts"): make it say why.
+            tail = last_log_lines(launched.get("log_path", ""), 5)
+            if tail:
+                reason += "; last log lines: " + " | ".join(tail)
+        return StartInstanceResult(ready=result.ready, reason=reason, seconds=result.seconds,
                                    host=launched["host"], address=launched["address"], pid=launched["pid"],
                                    ready_at=ready_at)
 
@@ -266,11 +283,15 @@ class StandbyActivities:
             append_log(log_path, f"source preparation failed: {err}")
             raise ApplicationError(str(err), type="SourceError", non_retryable=True) from err
         activity.heartbeat("launching")
-        launched = self.backend.launch(LaunchSpec(
-            instance_id=inp.instance_id, endpoint_name=inp.endpoint, start_command=start_command, image=image,
-            port=port, workdir=str(workdir), log_path=log_path, env=env, gpus=list(inp.gpus), cpu_cores=cpu,
-            memory_gb=mem, disk_gb=disk,
-        ))
+        try:
+            launched = self.backend.launch(LaunchSpec(
+                instance_id=inp.instance_id, endpoint_name=inp.endpoint, start_command=start_command, image=image,
+                port=port, workdir=str(workdir), log_path=log_path, env=env, gpus=list(inp.gpus), cpu_cores=cpu,
+                memory_gb=mem, disk_gb=disk,
+            ))
+        except LaunchRefused as err:
+            append_log(log_path, f"cannot start: {err}")
+            raise ApplicationError(str(err), type="LaunchRefused", non_retryable=True) from err
         append_log(log_path, f"started on {launched.host} at {launched.address} (pid {launched.pid})")
         return ProvisionResult(host=launched.host, address=launched.address, port=launched.port, pid=launched.pid,
                                container_id=launched.container_id, workdir=str(workdir), log_path=log_path)
@@ -285,7 +306,7 @@ class StandbyActivities:
 
     @activity.defn
     def check_liveness(self, inp: LivenessInput) -> LivenessResult:
-        from workers.health import probe
+        from workers.health import expectation, probe
 
         live = self.backend.liveness(inp.instance_id)
         if not live.alive:
@@ -298,7 +319,7 @@ class StandbyActivities:
             if ok:
                 return LivenessResult(True)
             time.sleep(0.5 * (attempt + 1))
-        return LivenessResult(False, f"health check {inp.health_path} failing: {detail}")
+        return LivenessResult(False, f"health check failing: {detail}, expected {expectation(inp.health_path)}")
 
     @activity.defn
     def stop_instance(self, inp: StopInstanceInput) -> None:
@@ -367,6 +388,38 @@ class StandbyActivities:
             e.queue_position = None
             e.status_updated_at = datetime.now(timezone.utc)
             session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
+
+
+class _ProbeProgress:
+    """Writes what the readiness probe last saw onto the starting instance's row (its reason),
+    so the detail page says what it waits for ("GET / -> HTTP 404, waiting for HTTP 200 from
+    /health"). At most one write per second: a probe runs every 10 ms at first."""
+
+    def __init__(self, acts: "StandbyActivities", endpoint: str, instance_id: str, every_seconds: float = 1.0):
+        self.acts, self.endpoint, self.instance_id = acts, endpoint, instance_id
+        self.every, self.last_write, self.pending = every_seconds, 0.0, ""
+
+    def __call__(self, answer: str) -> None:
+        self.pending = answer
+        now = time.monotonic()
+        if now - self.last_write >= self.every:
+            self.last_write = now
+            self.acts.record_instance(InstanceRecord(self.endpoint, self.instance_id, "starting", reason=answer))
+
+
+def last_log_lines(path: str, count: int) -> list[str]:
+    """The instance's own last lines (Standby's bracketed lines left out), for failure reasons."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 16384))
+            lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    own = [line.strip() for line in lines if line.strip() and not line.startswith("[standby")]
+    return [line[:300] for line in own[-count:]]
 
 
 def _routes_source(session, endpoint: Endpoint) -> dict:

@@ -18,7 +18,7 @@ class LifecycleSpec:
     max_instances: int = 1
     idle_retention_seconds: int = 600
     startup_timeout_seconds: int = 1200
-    health_path: str = "/ping"
+    health_path: str = ""
     health_interval_seconds: int = 10
     gpu_type: str = ""
     gpu_count: int = 0
@@ -28,8 +28,10 @@ class LifecycleSpec:
     purge_after_seconds: int = 14 * 24 * 3600
     stop_grace_seconds: float = 10.0
     # How long a draining instance waits after the proxy was told, so that requests routed
-    # from a stale proxy cache still reach a live instance.
-    drain_grace_seconds: float = 3.0
+    # from a stale proxy view still reach a live instance (one view refresh, plus the time a
+    # proxy takes to report a request that began after a quiet spell). Draining begins this long
+    # before the idle retention ends (lifecycle.idle_to_drain).
+    drain_grace_seconds: float = 1.5
     continue_as_new_events: int = 2000
     exists: bool = True
 

@@ -172,8 +172,13 @@ def wanted_new_instances(state: EndpointState) -> int:
 
 
 def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | None]:
-    """Ready instances idle for the retention period, beyond min instances, to drain now; and
-    the next time this answer may change (for the workflow's timer)."""
+    """Ready instances, beyond min instances, whose idle retention ends within the drain grace,
+    to drain now; and the next time this answer may change (for the workflow's timer).
+
+    Draining starts `drain_grace_seconds` before the retention ends, so that the release (after
+    the grace, see `drained`) falls on the retention itself, not seconds after it: an idle GPU is
+    paid for exactly the retention the user chose. A request in that last stretch wakes the
+    endpoint, which keeps the draining instance (`undrain`)."""
     if state.desired != SERVING:
         return [], None
     traffic = aggregate_traffic(state, now)
@@ -185,7 +190,7 @@ def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | 
         if t.in_flight > 0:
             continue
         idle_since = last_activity(view, traffic)
-        due = idle_since + state.spec.idle_retention_seconds
+        due = idle_since + max(0.0, state.spec.idle_retention_seconds - state.spec.drain_grace_seconds)
         if due <= now:
             candidates.append((idle_since, view.id))
         else:

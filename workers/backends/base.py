@@ -5,15 +5,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class LaunchRefused(ValueError):
+    """The spec cannot run on this host as written; the message says what to change. Never
+    retried: the instance fails with this message."""
+
+
 @dataclass
 class LaunchSpec:
     instance_id: str
     endpoint_name: str
-    # Process backend: a shell command; `{port}` and `$PORT` are substituted.
+    # A shell command. With `{port}` / `$PORT` in it a free port is substituted; without, the
+    # server listens on `port` as written (workers/ports.py).
     start_command: str
     # Docker backend: the image to run (start_command, when set, overrides its command).
     image: str
-    # The port the server listens on inside a container; the process backend allocates one.
+    # The port the server listens on, as the user wrote it (unless the command says $PORT).
     port: int
     # A fresh directory already populated with the instance's source (may be empty).
     workdir: str

@@ -1,5 +1,10 @@
 """The default backend: each instance is a shell command in its own session on this host.
 
+Ports (workers/ports.py): a command with `$PORT` gets a free port and shares the host's network;
+a command that listens on the endpoint's fixed `port` runs in its own network namespace behind
+workers/netns_relay.py, reached through a host port, so any number of instances of
+`python -m http.server 8080` run side by side.
+
 A small JSON state file per instance (pid, process start time, port) lets a restarted worker
 find, check and stop instances it did not start itself. The start time read from /proc guards
 against PID reuse: a pid is only "ours" while it still has the start time we recorded. Every
@@ -10,17 +15,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.config import Settings
-from workers.backends.base import LaunchSpec, Launched, Liveness
+from workers.backends.base import LaunchRefused, LaunchSpec, Launched, Liveness
+from workers.ports import (
+    RELAY_SCRIPT,
+    fixed_port_refusal,
+    namespace_mode,
+    substitute_port,
+    uses_port_placeholder,
+)
 from workers.workdir import check_instance_id, state_path_for
 
 # Worker configuration (database URL, secret key, Temporal address) is none of an instance's
@@ -29,17 +41,11 @@ _INTERNAL_ENV_PREFIXES = ("STANDBY_", "TEMPORAL_", "FLASK_")
 _INTERNAL_ENV_NAMES = {"DATABASE_URL", "SECRET_KEY", "CUDA_VISIBLE_DEVICES", "PORT"}
 MARKER_ENV = "STANDBY_INSTANCE_STATE"
 
-_PORT_PATTERN = re.compile(r"\{port\}|\$\{PORT\}|\$PORT(?![A-Za-z0-9_])")
 # A port handed out is not offered again for this long, even if nothing listens on it yet:
 # the server of the instance that got it may still be starting.
 _PORT_QUARANTINE_SECONDS = 120.0
 _POLL_SECONDS = 0.05
 _KILL_WAIT_SECONDS = 5.0
-
-
-def substitute_port(command: str, port: int) -> str:
-    """Replace `{port}`, `$PORT` and `${PORT}`; other braces and `$PORTS` are left alone."""
-    return _PORT_PATTERN.sub(str(port), command)
 
 
 def instance_environment(base: dict[str, str], spec: LaunchSpec, port: int, marker: str) -> dict[str, str]:
@@ -52,6 +58,11 @@ def instance_environment(base: dict[str, str], spec: LaunchSpec, port: int, mark
     # Set last so a user's env cannot take a port or GPUs it was not granted. An empty
     # CUDA_VISIBLE_DEVICES hides every GPU from a CPU-only instance.
     env["PORT"] = str(port)
+    # A fallback `python` for commands written as in tutorials, where the host has only
+    # python3: the worker's own interpreter directory goes last, so the user's PATH wins.
+    interpreter_dir = os.path.dirname(sys.executable)
+    if interpreter_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (env.get("PATH", ""), interpreter_dir) if p)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in spec.gpus)
     env["STANDBY_INSTANCE_ID"] = spec.instance_id
     env[MARKER_ENV] = marker
@@ -59,11 +70,12 @@ def instance_environment(base: dict[str, str], spec: LaunchSpec, port: int, mark
 
 
 class PortAllocator:
-    """Free ports on 127.0.0.1, never handing out the same one twice within a quarantine
+    """Free ports on the bind address, never handing out the same one twice within a quarantine
     period: the server of the instance that got it may not be listening yet."""
 
-    def __init__(self, quarantine_seconds: float = _PORT_QUARANTINE_SECONDS):
+    def __init__(self, quarantine_seconds: float = _PORT_QUARANTINE_SECONDS, bind: str = "127.0.0.1"):
         self._quarantine = quarantine_seconds
+        self._bind = bind
         self._lock = threading.Lock()
         self._recent: dict[int, float] = {}
 
@@ -73,13 +85,14 @@ class PortAllocator:
             self._recent = {p: t for p, t in self._recent.items() if now - t < self._quarantine}
             avoid = set(taken or ()) | set(self._recent)
             for _ in range(100):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.bind(("127.0.0.1", 0))
+                family = socket.AF_INET6 if ":" in self._bind else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.bind((self._bind, 0))
                     port = sock.getsockname()[1]
                 if port not in avoid:
                     self._recent[port] = now
                     return port
-        raise RuntimeError("could not find a free port on 127.0.0.1 for the instance")
+        raise RuntimeError(f"could not find a free port on {self._bind} for the instance")
 
 
 class _Proc:
@@ -137,7 +150,7 @@ class ProcessBackend:
         # Popen objects of the instances this worker started, so it can reap them and report
         # their exit codes. After a worker restart it is not their parent and has none.
         self._children: dict[str, subprocess.Popen] = {}
-        self._ports = PortAllocator()
+        self._ports = PortAllocator(bind=settings.instance_bind)
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -151,18 +164,29 @@ class ProcessBackend:
         with self._lock_for(instance_id):
             # A retried provision after a worker crash: never leave two processes per instance.
             self._stop_locked(instance_id, self.settings.stop_grace_seconds)
-            port = self._allocate_port()
-            command = substitute_port(spec.start_command, port)
+            host_port = self._allocate_port()
+            if uses_port_placeholder(spec.start_command):
+                inner_port, mode = host_port, None
+                command = substitute_port(spec.start_command, host_port)
+                argv = ["/bin/sh", "-c", command]
+            else:
+                inner_port, mode = spec.port, namespace_mode()
+                if mode is None:
+                    raise LaunchRefused(fixed_port_refusal(spec.port))
+                command = spec.start_command
+                argv = [sys.executable, str(RELAY_SCRIPT), "--listen", f"{self.settings.instance_bind}:{host_port}",
+                        "--port", str(inner_port), "--mode", mode, "--", "/bin/sh", "-c", command]
             state_path = state_path_for(self.settings, instance_id)
-            env = instance_environment(dict(os.environ), spec, port, str(state_path))
+            env = instance_environment(dict(os.environ), spec, inner_port, str(state_path))
             log_path = Path(spec.log_path)
             log_path.parent.mkdir(parents=True, exist_ok=True)
+            where = (f"port {inner_port} in its own network namespace ({mode}), reached at host port {host_port}"
+                     if mode else f"port {host_port}")
             with open(log_path, "ab") as log:
-                log.write(f"[standby] {_now()} starting instance {instance_id} on port {port}: "
-                          f"{command}\n".encode())
+                log.write(f"[standby] {_now()} starting instance {instance_id} on {where}: {command}\n".encode())
                 log.flush()
                 child = subprocess.Popen(
-                    ["/bin/sh", "-c", command],
+                    argv,
                     cwd=workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -177,10 +201,13 @@ class ProcessBackend:
                 "instance_id": instance_id,
                 "endpoint": spec.endpoint_name,
                 "pid": child.pid,
-                # start_new_session makes the shell the leader of its own session and group.
+                # start_new_session makes the shell (or the relay) the leader of its own group.
                 "pgid": child.pid,
                 "start_time": proc.start_time if proc else None,
-                "port": port,
+                "port": host_port,
+                "inner_port": inner_port,
+                "netns": mode,
+                "address": f"{self.settings.advertise_address}:{host_port}",
                 "log_path": str(log_path),
                 "workdir": str(workdir),
                 "command": command,
@@ -188,7 +215,8 @@ class ProcessBackend:
                 "stopped": False,
                 "exit_code": None,
             })
-            return Launched(host=self.settings.host, address=f"127.0.0.1:{port}", port=port, pid=child.pid)
+            return Launched(host=self.settings.host, address=f"{self.settings.advertise_address}:{host_port}",
+                            port=host_port, pid=child.pid)
 
     def liveness(self, instance_id: str) -> Liveness:
         instance_id = check_instance_id(instance_id)
