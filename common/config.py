@@ -63,7 +63,11 @@ class Settings:
     traffic_debounce_seconds: float = 1.0
     proxy_max_body_bytes: int = 1024 * 1024 * 1024
     proxy_hold_queue_size: int = 100
-    proxy_workers: int = 2
+    # One process: every figure the proxy decides by (in-flight per instance, round-robin turn,
+    # the hold queue) is then one truth for the whole endpoint (README "The proxy").
+    proxy_workers: int = 1
+    # A client that stops sending its request body for this long gets 408.
+    proxy_body_timeout_seconds: float = 60.0
     secret_key: str = ""
     public_proxy_url: str = ""
     # Workflow histories continue-as-new after this many events.
@@ -151,7 +155,8 @@ def load_settings(env: dict | None = None) -> Settings:
         traffic_debounce_seconds=_float(env, "STANDBY_TRAFFIC_DEBOUNCE_SECONDS", 1.0),
         proxy_max_body_bytes=_int(env, "STANDBY_PROXY_MAX_BODY_BYTES", 1024 * 1024 * 1024),
         proxy_hold_queue_size=_int(env, "STANDBY_PROXY_HOLD_QUEUE_SIZE", 100),
-        proxy_workers=_int(env, "STANDBY_PROXY_WORKERS", 2),
+        proxy_workers=_int(env, "STANDBY_PROXY_WORKERS", 1),
+        proxy_body_timeout_seconds=_float(env, "STANDBY_PROXY_BODY_TIMEOUT_SECONDS", 60.0),
         secret_key=secret_key,
         public_proxy_url=env.get("STANDBY_PUBLIC_PROXY_URL", ""),
         continue_as_new_events=_int(env, "STANDBY_CONTINUE_AS_NEW_EVENTS", 2000),

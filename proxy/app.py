@@ -48,6 +48,7 @@ class ProxyApp:
             self.metrics,
             max_body_bytes=settings.proxy_max_body_bytes,
             keepalive_seconds=settings.proxy_sse_keepalive_seconds if keepalive_seconds is None else keepalive_seconds,
+            body_timeout_seconds=settings.proxy_body_timeout_seconds,
         )
         self._started = False
 

@@ -2,10 +2,14 @@
 
 A request that finds no ready instance below its concurrency limit takes a slot in the
 endpoint's hold queue (bounded by `hold_queue_size`) and waits, bounded by the endpoint's
-startup timeout. All requests held for one endpoint in this process share one wake call (and
-one on-demand scale-out); the endpoint workflow dedups across proxy processes. Waiting is on a
-per-endpoint notifier that fires when a wake or scale-out answers or a request ends, with the
-routing refresh interval as a fallback poll, like knative's activator waiting on a breaker.
+startup timeout or the client's own `X-Scale-Up-Timeout`. All requests held for one endpoint
+share one wake call (and one on-demand scale-out); the endpoint workflow dedups across proxies.
+Waiting is on a per-endpoint notifier that fires when a wake or scale-out answers, when the
+database shows a ready instance, or when a request ends, with the routing refresh interval as a
+fallback poll, like knative's activator waiting on a breaker.
+
+Choosing an instance and claiming it (`TrafficTracker.claim`) happen in one step, with no yield
+to the hub in between, so the capacity a request saw is still there when it counts itself.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from proxy.balancer import Balancer
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, InstanceView, RoutingView
 from proxy.temporal_bridge import ERR_REPLICA_QUOTA, LifecycleError, TemporalBridge
-from proxy.traffic import TrafficTracker
+from proxy.traffic import Claim, TrafficTracker
 
 NOT_SERVING_STATES = ("stopped", "failed", "terminated")
 # After a refused on-demand scale-out (quota reached elsewhere), wait this long before asking again.
@@ -38,18 +42,30 @@ class HoldTimeout(Exception):
     """No instance could take the request within the endpoint's startup timeout."""
 
 
+class ClientWaitOver(Exception):
+    """No instance could take the request within the client's own X-Scale-Up-Timeout."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 class EndpointGone(Exception):
     """The endpoint disappeared from the routing view while the request was held."""
 
 
 class NotServing(Exception):
-    def __init__(self, status: str):
+    def __init__(self, status: str, reason: str = ""):
         super().__init__(status)
         self.status = status
+        self.reason = reason
 
 
 @dataclass
 class Acquired:
+    """An instance chosen for a request, and the request's claim on it (release it once done)."""
+
+    claim: Claim
     instance: InstanceView
     cold_start: bool
 
@@ -73,6 +89,15 @@ class ColdStarts:
         self._scale_out_refused_at: dict[str, float] = {}
         self._changed: dict[str, Event] = {}
         tracker.on_release = self.notify
+
+    # ---- choosing and claiming ----
+    def take(self, view: EndpointView, candidates, client_ip: str, sticky_id: str | None,
+             arrived_at: float) -> Acquired:
+        """Pick among `candidates` and claim the pick, in one step. It is a cold start exactly
+        when the instance became ready after the request arrived (it waited for that start)."""
+        instance = pick(self.balancer, view, candidates, client_ip, sticky_id)
+        claim = self.tracker.claim(view.name, instance.id)
+        return Acquired(claim, instance, cold_start=instance.ready_at > arrived_at)
 
     # ---- notifier ----
     def notify(self, endpoint: str) -> None:
@@ -106,7 +131,8 @@ class ColdStarts:
     def wake(self, view: EndpointView) -> AsyncResult:
         def call():
             result = self.bridge.wake(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
-            self.routing.learn(view.name, InstanceView(result.instance_id, result.address))
+            self.routing.learn(view.name, InstanceView(result.instance_id, result.address,
+                                                       _ready_at(result)))
             if result.cold_start:
                 self.metrics.cold_start(view.name)
             return result
@@ -138,18 +164,18 @@ class ColdStarts:
             except LifecycleError:
                 self._scale_out_refused_at[view.name] = time.monotonic()
                 raise
-            self.routing.learn(view.name, InstanceView(result.instance_id, result.address))
+            self.routing.learn(view.name, InstanceView(result.instance_id, result.address, _ready_at(result)))
             return result
 
         return self._shared(self._scale_outs, view, call)
 
-    def scale_out_for(self, view: EndpointView, request_id: str) -> InstanceView:
+    def scale_out_for(self, view: EndpointView, request_id: str) -> Acquired:
         """`Deploy-Route-Rule: scale-out`: a new instance for this request alone."""
         result = self.bridge.scale_out(view.name, request_id, timeout=view.startup_timeout_seconds + 5)
-        instance = InstanceView(result.instance_id, result.address)
+        instance = InstanceView(result.instance_id, result.address, _ready_at(result))
         self.routing.learn(view.name, instance)
         self.notify(view.name)
-        return instance
+        return Acquired(self.tracker.claim(view.name, instance.id), instance, cold_start=True)
 
     # ---- holding ----
     def enter_hold(self, view: EndpointView) -> None:
@@ -163,38 +189,44 @@ class ColdStarts:
         self.metrics.held(endpoint, -1)
 
     def acquire(
-        self, name: str, client_ip: str, sticky_id: str | None, tick_seconds: float | None
+        self, name: str, client_ip: str, sticky_id: str | None, tick_seconds: float | None,
+        arrived_at: float, client_wait: float | None = None,
     ) -> Generator[None, None, Acquired]:
-        """Wait for an instance with room; yields once per `tick_seconds` (SSE keep-alives).
-
-        The caller must begin tracking the returned instance before yielding to the hub, so that
-        the capacity it saw is still there.
-        """
+        """Wait for an instance with room and claim it; yields once per `tick_seconds` (SSE
+        keep-alives). Bounded by the startup timeout and by `client_wait` when the client set one."""
         view = self.routing.get(name)
         if view is None:
             raise EndpointGone()
-        deadline = time.monotonic() + view.startup_timeout_seconds
-        next_tick = time.monotonic() + tick_seconds if tick_seconds else None
-        cold_start = False
+        if not view.instances:
+            # The cached view may be a refresh behind: an instance that is ready already must
+            # serve this request warm, not wait for (and be counted as) a start.
+            self.routing.poll_ready(name)
+        started = time.monotonic()
+        deadline = started + view.startup_timeout_seconds
+        client_deadline = started + client_wait if client_wait is not None else None
+        next_tick = started + tick_seconds if tick_seconds else None
         while True:
             view = self.routing.get(name)
             if view is None:
                 raise EndpointGone()
             if view.status in NOT_SERVING_STATES:
-                raise NotServing(view.status)
+                raise NotServing(view.status, view.status_reason)
             candidates = self.balancer.available(view)
             if candidates:
-                return Acquired(pick(self.balancer, view, candidates, client_ip, sticky_id), cold_start)
+                return self.take(view, candidates, client_ip, sticky_id, arrived_at)
             pending = None
-            waking = not view.instances
-            if waking:
+            if not view.instances:
                 pending = self.wake(view)
             elif view.live_count < view.max_instances:
                 pending = self.scale_out_on_demand(view)
             now = time.monotonic()
             if now >= deadline:
                 raise HoldTimeout()
+            if client_deadline is not None and now >= client_deadline:
+                raise ClientWaitOver(client_wait)
             wait = min(deadline - now, max(self.routing.refresh_seconds, 0.05))
+            if client_deadline is not None:
+                wait = min(wait, client_deadline - now)
             if next_tick is not None:
                 if now >= next_tick:
                     next_tick = now + tick_seconds
@@ -204,15 +236,14 @@ class ColdStarts:
             # The notifier fires when a wake or scale-out answers, when the wake's poller sees a
             # ready instance, and when a request ends.
             self._wait_change(name, wait)
-            if waking:
-                cold_start = True  # held through a wake
             if pending is not None and pending.ready():
-                    exc = pending.exception
-                    if exc is None:
-                        # A scale-out result has no flag: it always started an instance.
-                        cold_start = cold_start or bool(getattr(pending.value, "cold_start", True))
-                    elif not (isinstance(exc, LifecycleError) and exc.kind == ERR_REPLICA_QUOTA):
-                        raise exc
+                exc = pending.exception
+                if exc is not None and not (isinstance(exc, LifecycleError) and exc.kind == ERR_REPLICA_QUOTA):
+                    raise exc
+
+
+def _ready_at(result) -> float:
+    return float(getattr(result, "ready_at", None) or time.time())
 
 
 def pick(balancer: Balancer, view: EndpointView, candidates, client_ip: str, sticky_id: str | None) -> InstanceView:

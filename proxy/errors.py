@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from proxy.coldstart import EndpointGone, HoldTimeout, NotServing
+from proxy.coldstart import ClientWaitOver, EndpointGone, HoldTimeout, NotServing
 from proxy.metrics import Metrics
 from proxy.routing_view import InstanceView
 from proxy.temporal_bridge import ERR_NO_WORKFLOW, ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED, LifecycleError
@@ -19,10 +19,12 @@ log = logging.getLogger("standby.proxy")
 RETRY_AFTER_SECONDS = 5
 
 STATUS_LINES = {
+    200: "200 OK",
     400: "400 Bad Request",
     401: "401 Unauthorized",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    408: "408 Request Timeout",
     413: "413 Content Too Large",
     429: "429 Too Many Requests",
     500: "500 Internal Server Error",
@@ -70,10 +72,11 @@ def body_too_large(limit: int) -> ErrorReply:
                              "(STANDBY_PROXY_MAX_BODY_BYTES)")
 
 
-def not_serving(name: str, status: str) -> ErrorReply:
+def not_serving(name: str, status: str, reason: str = "") -> ErrorReply:
     hint = "terminate it" if status == "failed" else "restart it" if status == "stopped" else "create a new one"
-    return error(503, f"endpoint {name!r} is {status} and does not wake on requests; {hint} first",
-                        status=status)
+    because = f" ({reason})" if reason else ""
+    return error(503, f"endpoint {name!r} is {status}{because} and does not wake on requests; {hint} first",
+                 status=status, reason=reason)
 
 
 def bad_gateway(instance: InstanceView, exc: Exception) -> ErrorReply:
@@ -93,9 +96,10 @@ def lifecycle_reply(metrics: Metrics, name: str, exc: LifecycleError) -> ErrorRe
         metrics.rejected(name, "not_serving")
         return error(503, f"endpoint {name!r} is not serving and does not wake on requests: {exc}")
     if exc.kind == ERR_START_FAILED:
+        # Every request held for this start hears it at once, with the instance's own words
+        # (exit code, last log lines), not at the end of the startup timeout.
         metrics.rejected(name, "start_failed")
-        return error(503, f"endpoint {name!r} could not start an instance: {exc}",
-                            retry_after=RETRY_AFTER_SECONDS)
+        return error(503, f"endpoint {name!r} could not start an instance: {exc}", reason=str(exc))
     if exc.kind == ERR_NO_WORKFLOW:
         metrics.rejected(name, "no_workflow")
         return error(503, f"endpoint {name!r} has no running lifecycle workflow; restart it")
@@ -106,8 +110,13 @@ def lifecycle_reply(metrics: Metrics, name: str, exc: LifecycleError) -> ErrorRe
 def held_failure(metrics: Metrics, name: str, exc: Exception) -> ErrorReply:
     if isinstance(exc, HoldTimeout):
         return overloaded(metrics, name, "no instance became ready within the startup timeout", "hold_timeout")
+    if isinstance(exc, ClientWaitOver):
+        metrics.rejected(name, "client_wait_over")
+        return error(503, f"no instance of endpoint {name!r} was ready within the {exc.seconds:g} s "
+                          "asked by X-Scale-Up-Timeout; it keeps starting, retry later",
+                     retry_after=RETRY_AFTER_SECONDS)
     if isinstance(exc, NotServing):
-        return not_serving(name, exc.status)
+        return not_serving(name, exc.status, exc.reason)
     if isinstance(exc, EndpointGone):
         return error(404, f"endpoint {name!r} not found")
     if isinstance(exc, LifecycleError):
@@ -115,3 +124,9 @@ def held_failure(metrics: Metrics, name: str, exc: Exception) -> ErrorReply:
     log.exception("holding a request for %s failed", name, exc_info=exc)
     return error(503, f"could not get an instance for endpoint {name!r}: {exc}",
                         retry_after=RETRY_AFTER_SECONDS)
+
+
+def client_body_error(status: int, detail: str) -> ErrorReply:
+    """The client's request body could not be read (malformed chunking, cut short, too slow)."""
+    reply = error(status, f"could not read the request body: {detail}")
+    return reply

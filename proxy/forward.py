@@ -34,11 +34,21 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-__all__ = ["BodyTooLarge", "ConnectFailed", "UpstreamFailed", "Forwarder", "RequestBody", "StreamedResponse"]
+__all__ = ["BodyTooLarge", "ClientBodyError", "ConnectFailed", "UpstreamFailed", "Forwarder", "RequestBody",
+           "StreamedResponse"]
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientBodyError(Exception):
+    """The client's request body could not be read: malformed chunking, cut short, too slow.
+    `status` is the answer to give (400, or 408 for a client too slow to send it)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
 
 
 def connection_tokens(value: str | None) -> set[str]:
@@ -51,8 +61,9 @@ class RequestBody:
     `started` tells whether any byte was consumed, i.e. whether a retry could still resend it.
     """
 
-    def __init__(self, wsgi_input, length: int | None, limit: int):
+    def __init__(self, wsgi_input, length: int | None, limit: int, read_timeout: float = 0.0):
         self._input = wsgi_input
+        self.read_timeout = read_timeout
         self.length = length
         self._left = length  # None: read until EOF (chunked upload)
         self._limit = limit
@@ -65,8 +76,16 @@ class RequestBody:
                 return b""
             size = min(size, self._left)
         self.started = True
-        data = self._input.read(size)
+        try:
+            data = self._input.read(size)
+        except socket.timeout as exc:
+            raise ClientBodyError(408, f"no body bytes arrived for {self.read_timeout:g} s") from exc
+        except Exception as exc:  # the server's body parser: bad chunk sizes, missing terminators, EOF
+            raise ClientBodyError(400, f"{type(exc).__name__}: {exc}"[:300]) from exc
         if self._left is not None:
+            if not data:
+                raise ClientBodyError(400, f"the body ended after {self._seen} of the {self.length} bytes "
+                                           "its Content-Length announced")
             self._left -= len(data)
         self._seen += len(data)
         if self._seen > self._limit:

@@ -2,6 +2,11 @@
 
 The order matters and is cheap first: endpoint lookup, auth, body size, status, route check
 (all without waking anything), then the route rule or the endpoint's balancing, then forward.
+
+A request's place on an instance is one `Claim` (proxy/traffic.py), taken when the instance is
+chosen and released exactly once: by the response body's close() when an answer streams back,
+and right here on every other way out (an error answer, a refused connection, a bad client body,
+an exception), so no path can leave an instance counted busy, and so never idle-released.
 """
 from __future__ import annotations
 
@@ -11,30 +16,45 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from common.routes import RUNTIME_HEALTH_PATH
 from proxy import errors
 from proxy.auth import check_key
 from proxy.balancer import sticky_cookie_name
-from proxy.coldstart import NOT_SERVING_STATES, Acquired, ColdStarts, HoldFull, pick, run_to_end
+from proxy.coldstart import NOT_SERVING_STATES, Acquired, ColdStarts, HoldFull, run_to_end
 from proxy.errors import (
     ErrorReply,
     bad_gateway,
     body_too_large,
+    client_body_error,
     held_failure,
     lifecycle_reply,
     not_serving,
     overloaded,
 )
-from proxy.forward import BodyTooLarge, ConnectFailed, Forwarder, RequestBody, StreamedResponse, UpstreamFailed
-from proxy.forward import response_headers
+from proxy.forward import (
+    BodyTooLarge,
+    ClientBodyError,
+    ConnectFailed,
+    Forwarder,
+    RequestBody,
+    StreamedResponse,
+    UpstreamFailed,
+    response_headers,
+)
 from proxy.headers import cookie_value, forward_headers, wants_event_stream
 from proxy.metrics import Metrics
-from proxy.routing_view import EndpointView, InstanceView, RoutingView
+from proxy.routing_view import EndpointView, RoutingView
 from proxy.temporal_bridge import LifecycleError
 from proxy.traffic import TrafficTracker
 
 log = logging.getLogger("standby.proxy")
 
 RULE_SCALE_OUT, RULE_RANDOM, RULE_ROUND_ROBIN = "scale-out", "random", "round-robin"
+# A client may bound its own wait for a cold start (seconds), as Hugging Face's endpoints allow.
+SCALE_UP_TIMEOUT_HEADER = "HTTP_X_SCALE_UP_TIMEOUT"
+# A request may find its instance gone (released between the view's refresh and the connect):
+# it then goes to another, or is held for a new one, at most this many times.
+MAX_SUBSTITUTES = 2
 
 
 @dataclass
@@ -46,11 +66,17 @@ class Request:
     body: object  # RequestBody, bytes or None
     chunked: bool
     strip_authorization: bool
-    started: float
+    started: float  # monotonic
+    arrived_at: float  # wall clock, compared with instances' ready times
+    client_wait: float | None
 
     @property
     def name(self) -> str:
         return self.view.name
+
+    @property
+    def client_ip(self) -> str:
+        return self.environ.get("REMOTE_ADDR", "")
 
 
 class ProxyHandler:
@@ -63,6 +89,7 @@ class ProxyHandler:
         metrics: Metrics,
         max_body_bytes: int,
         keepalive_seconds: float = 15.0,
+        body_timeout_seconds: float = 60.0,
     ):
         self.routing = routing
         self.coldstarts = coldstarts
@@ -72,14 +99,19 @@ class ProxyHandler:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
+        self.body_timeout_seconds = body_timeout_seconds
 
     def __call__(self, environ, start_response):
-        started = time.monotonic()
+        started, arrived_at = time.monotonic(), time.time()
         request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
-        prepared = self._prepare(environ, request_id, started)
+        prepared = self._prepare(environ, request_id, started, arrived_at)
         if isinstance(prepared, ErrorReply):
             return self._send_error(prepared, start_response, request_id, environ)
         req = prepared
+        if req.view.source_kind == "routes" and self._is_health_check(req):
+            answered = self._health_check(req, start_response)
+            if answered is not None:
+                return answered
         rule = environ.get("HTTP_DEPLOY_ROUTE_RULE", "").strip()
         if rule:
             chosen = self._by_rule(req, rule)
@@ -96,7 +128,7 @@ class ProxyHandler:
         return body
 
     # ---- checks before choosing an instance ----
-    def _prepare(self, environ: dict, request_id: str, started: float) -> Request | ErrorReply:
+    def _prepare(self, environ: dict, request_id: str, started: float, arrived_at: float) -> Request | ErrorReply:
         name, path = split_endpoint_path(environ)
         view = self.routing.find(name) if name else None
         if view is None:
@@ -110,24 +142,41 @@ class ProxyHandler:
         if length is not None and length > self.max_body_bytes:
             return body_too_large(self.max_body_bytes)
         if view.status in NOT_SERVING_STATES:
-            return not_serving(view.name, view.status)
+            return not_serving(view.name, view.status, view.status_reason)
+        client_wait = parse_client_wait(environ.get(SCALE_UP_TIMEOUT_HEADER))
+        if isinstance(client_wait, ErrorReply):
+            return client_wait
         chunked = length is None and "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         body = None
         if length or chunked:
-            body = RequestBody(environ["wsgi.input"], length, self.max_body_bytes)
+            self._bound_body_reads(environ)
+            body = RequestBody(environ["wsgi.input"], length, self.max_body_bytes, self.body_timeout_seconds)
         elif length == 0:
             body = b""  # keep an explicit "Content-Length: 0" (some servers want it on POST)
-        if view.source_kind == "routes":
+        if view.source_kind == "routes" and path != RUNTIME_HEALTH_PATH:
             checked = self._check_route(view, environ, path, body)
             if isinstance(checked, ErrorReply):
                 return checked
             body, chunked = (checked if checked or body is not None else None), False
         query = environ.get("QUERY_STRING")
         target = path + ("?" + query if query else "")
-        return Request(environ, view, request_id, target, body, chunked, strip_authorization, started)
+        return Request(environ, view, request_id, target, body, chunked, strip_authorization, started, arrived_at,
+                       client_wait)
+
+    def _bound_body_reads(self, environ: dict) -> None:
+        """A client that stops sending its body mid-way is answered 408 after the timeout instead
+        of holding an instance (and its GPU) busy for good."""
+        sock = environ.get("gunicorn.socket")
+        if sock is not None and self.body_timeout_seconds > 0:
+            try:
+                sock.settimeout(self.body_timeout_seconds)
+            except OSError:
+                pass
 
     def _check_route(self, view: EndpointView, environ: dict, path: str, body) -> bytes | ErrorReply:
         """Routes endpoints: refuse a bad body or an unknown route before any GPU wakes."""
+        from common.routes import check_request
+
         data = b""
         if isinstance(body, RequestBody):
             try:
@@ -139,10 +188,8 @@ class ProxyHandler:
                     data += more
             except BodyTooLarge:
                 return body_too_large(self.max_body_bytes)
-        try:
-            from common.routes import check_request
-        except ImportError:  # issue 4's module absent: nothing to check against
-            return data
+            except ClientBodyError as exc:
+                return client_body_error(exc.status, str(exc))
         result = check_request(
             list(view.routes), environ["REQUEST_METHOD"], path, data, environ.get("CONTENT_TYPE"),
             query=environ.get("QUERY_STRING", ""),
@@ -154,6 +201,25 @@ class ProxyHandler:
             return reply
         return data
 
+    # ---- the routes runtime's health check ----
+    @staticmethod
+    def _is_health_check(req: Request) -> bool:
+        return req.target.partition("?")[0] == RUNTIME_HEALTH_PATH and req.environ["REQUEST_METHOD"] in ("GET", "HEAD")
+
+    def _health_check(self, req: Request, start_response):
+        """`GET /e/<name>/ping` answers 200 for every routes endpoint that serves (README
+        "Model code as an endpoint"). With a ready instance it goes to the runtime, which says
+        whether its functions are loaded; an endpoint asleep is answered here, from its status,
+        because a health check must not cost a GPU. None: forward it like any request."""
+        if req.view.instances:
+            return None
+        payload = {"status": req.view.status or "standby", "ready_instances": 0,
+                   "msg": "no instance is running; the endpoint wakes on its first call to a route"}
+        reply = errors.ErrorReply(200, payload)
+        self.metrics.observe(req.name, 200, time.monotonic() - req.started)
+        start_response(reply.status_line, error_headers(reply, req.request_id, ""))
+        return [reply.body()] if req.environ["REQUEST_METHOD"] == "GET" else [b""]
+
     # ---- choosing an instance ----
     def _sticky_id(self, req: Request) -> str | None:
         if not req.view.sticky_sessions:
@@ -164,23 +230,30 @@ class ProxyHandler:
         candidates = self.balancer.available(req.view)
         if not candidates:
             return None
-        instance = pick(self.balancer, req.view, candidates, req.environ.get("REMOTE_ADDR", ""), self._sticky_id(req))
-        return Acquired(instance, False)
+        return self.coldstarts.take(req.view, candidates, req.client_ip, self._sticky_id(req), req.arrived_at)
 
     def _by_rule(self, req: Request, rule: str) -> Acquired | ErrorReply:
         view = req.view
         if rule.lower() == RULE_SCALE_OUT:
             return self._scale_out(req)
         if rule.lower() in (RULE_RANDOM, RULE_ROUND_ROBIN):
-            if not view.instances:
+            if not view.instances and self.routing.poll_ready(view.name):
+                view = req.view = self.routing.get(view.name) or view
+            if not view.instances:  # a rule picks among running instances; it wakes nothing
                 return errors.route_target_not_found(f"endpoint {view.name!r} has no running instance")
             candidates = self.balancer.available(view) or list(view.instances)
             policy = "random" if rule.lower() == RULE_RANDOM else "round_robin"
-            return Acquired(self.balancer.pick(view, candidates, policy=policy), False)
+            instance = self.balancer.pick(view, candidates, policy=policy)
+            return Acquired(self.tracker.claim(view.name, instance.id), instance,
+                            cold_start=instance.ready_at > req.arrived_at)
         instance = view.instance(rule)
+        if instance is None and self.routing.poll_ready(view.name):
+            # The cached view may be a refresh behind the instance the client was just served by.
+            view = req.view = self.routing.get(view.name) or view
+            instance = view.instance(rule)
         if instance is None:
             return errors.route_target_not_found(f"{rule!r} is not a running instance of endpoint {view.name!r}")
-        return Acquired(instance, False)
+        return Acquired(self.tracker.claim(view.name, instance.id), instance, cold_start=False)
 
     def _scale_out(self, req: Request) -> Acquired | ErrorReply:
         if req.view.live_count >= req.view.max_instances:
@@ -190,7 +263,7 @@ class ProxyHandler:
         except HoldFull:
             return overloaded(self.metrics, req.name, "hold queue full")
         try:
-            return Acquired(self.coldstarts.scale_out_for(req.view, req.request_id), True)
+            return self.coldstarts.scale_out_for(req.view, req.request_id)
         except LifecycleError as exc:
             return lifecycle_reply(self.metrics, req.name, exc)
         finally:
@@ -203,7 +276,8 @@ class ProxyHandler:
             self._nudge(req.view)
             return overloaded(self.metrics, req.name, "hold queue full")
         try:
-            steps = self.coldstarts.acquire(req.name, req.environ.get("REMOTE_ADDR", ""), self._sticky_id(req), None)
+            steps = self.coldstarts.acquire(req.name, req.client_ip, self._sticky_id(req), None, req.arrived_at,
+                                            req.client_wait)
             return run_to_end(steps)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
             return held_failure(self.metrics, req.name, exc)
@@ -227,9 +301,8 @@ class ProxyHandler:
 
     def _event_stream_body(self, req: Request, start_response):
         committed = False
-        steps = self.coldstarts.acquire(
-            req.name, req.environ.get("REMOTE_ADDR", ""), self._sticky_id(req), self.keepalive_seconds
-        )
+        steps = self.coldstarts.acquire(req.name, req.client_ip, self._sticky_id(req), self.keepalive_seconds,
+                                        req.arrived_at, req.client_wait)
         try:
             while True:
                 try:
@@ -245,6 +318,9 @@ class ProxyHandler:
                         ("Deploy-Cold-Start", "true"),
                     ])
                 yield b": waking\n\n"
+        except GeneratorExit:
+            steps.close()
+            raise
         except Exception as exc:  # noqa: BLE001
             chosen = held_failure(self.metrics, req.name, exc)
         finally:
@@ -270,57 +346,71 @@ class ProxyHandler:
 
     # ---- forwarding ----
     def _forward(self, req: Request, chosen: Acquired):
-        instance = chosen.instance
+        """Send the request to the chosen instance; returns (status, headers, body iterable).
+        The claim goes to the response body (released by its close()) or is released here."""
+        claim, instance, cold_start = chosen.claim, chosen.instance, chosen.cold_start
         tried: set[str] = set()
-        while True:
-            tried.add(instance.id)
-            headers = forward_headers(req.environ, req.request_id, req.strip_authorization)
-            self.tracker.begin(req.name, instance.id)
-            try:
-                resp = self.forwarder.send(
-                    instance.address, req.environ["REQUEST_METHOD"], req.target, headers, req.body, req.chunked
-                )
-                break
-            except ConnectFailed as exc:
-                self.tracker.end(req.name, instance.id)
-                retry = self._retry_target(req, tried)
-                if retry is None:
-                    return self._error_triple(req, bad_gateway(instance, exc), instance.id, chosen.cold_start)
-                log.info("instance %s refused the connection; retrying on %s", instance.id, retry.id)
-                instance = retry
-            except BodyTooLarge:
-                self.tracker.end(req.name, instance.id)
-                return self._error_triple(req, body_too_large(self.max_body_bytes), instance.id, chosen.cold_start)
-            except UpstreamFailed as exc:
-                self.tracker.end(req.name, instance.id)
-                return self._error_triple(req, bad_gateway(instance, exc), instance.id, chosen.cold_start)
+        try:
+            while True:
+                tried.add(instance.id)
+                headers = forward_headers(req.environ, req.request_id, req.strip_authorization)
+                try:
+                    resp = self.forwarder.send(
+                        instance.address, req.environ["REQUEST_METHOD"], req.target, headers, req.body, req.chunked
+                    )
+                    break
+                except ConnectFailed as exc:
+                    claim.release()
+                    # Released (or dead) since the view was loaded: send nothing more there.
+                    self.routing.forget(instance.id)
+                    again = self._another_instance(req, tried) if len(tried) <= MAX_SUBSTITUTES else None
+                    if again is None:
+                        return self._error_triple(req, bad_gateway(instance, exc), instance.id, cold_start)
+                    if isinstance(again, ErrorReply):
+                        reply = bad_gateway(instance, exc)
+                        reply.payload["then"] = again.payload.get("msg", "")
+                        return self._error_triple(req, reply, instance.id, cold_start)
+                    log.info("instance %s refused the connection; going on with %s", instance.id, again.instance.id)
+                    claim, instance, cold_start = again.claim, again.instance, cold_start or again.cold_start
+                except BodyTooLarge:
+                    claim.release()
+                    return self._error_triple(req, body_too_large(self.max_body_bytes), instance.id, cold_start)
+                except ClientBodyError as exc:
+                    claim.release()
+                    return self._error_triple(req, client_body_error(exc.status, str(exc)), instance.id, cold_start)
+                except UpstreamFailed as exc:
+                    claim.release()
+                    return self._error_triple(req, bad_gateway(instance, exc), instance.id, cold_start)
+        except BaseException:
+            claim.release()
+            raise
 
         out = response_headers(resp)
         out.append(("Deploy-Route-Target", instance.id))
-        out.append(("Deploy-Cold-Start", "true" if chosen.cold_start else "false"))
+        out.append(("Deploy-Cold-Start", "true" if cold_start else "false"))
         out.append(("X-Request-Id", req.request_id))
         out.append(("X-Accel-Buffering", "no"))
         if req.view.sticky_sessions and self._sticky_id(req) != instance.id:
             cookie = sticky_cookie_name(req.name)
             out.append(("Set-Cookie", f"{cookie}={instance.id}; Path=/e/{req.name}; HttpOnly; SameSite=Lax"))
         self.metrics.observe(req.name, resp.status, time.monotonic() - req.started)
-        name, instance_id = req.name, instance.id
-        body = StreamedResponse(resp, lambda: self.tracker.end(name, instance_id))
-        return f"{resp.status} {resp.reason or ''}".rstrip(), out, body
+        return f"{resp.status} {resp.reason or ''}".rstrip(), out, StreamedResponse(resp, claim.release)
 
-    def _retry_target(self, req: Request, tried: set[str]) -> InstanceView | None:
-        """Retry once, and only when not a byte of the body was consumed."""
-        if len(tried) > 1 or (isinstance(req.body, RequestBody) and req.body.started):
+    def _another_instance(self, req: Request, tried: set[str]) -> Acquired | ErrorReply | None:
+        """After a refused connection: another ready instance, or (nothing of the body sent, no
+        instance pinned) a hold for a new one, as a request to a sleeping endpoint would get."""
+        if isinstance(req.body, RequestBody) and req.body.started:
             return None
-        if req.environ.get("HTTP_DEPLOY_ROUTE_RULE", "").strip().lower() not in ("", RULE_RANDOM, RULE_ROUND_ROBIN):
+        rule = req.environ.get("HTTP_DEPLOY_ROUTE_RULE", "").strip().lower()
+        if rule not in ("", RULE_RANDOM, RULE_ROUND_ROBIN):
             return None  # a pinned instance id or a fresh scale-out: no substitute
         view = self.routing.get(req.name) or req.view
         others = [inst for inst in self.balancer.available(view) if inst.id not in tried]
-        if not others:
-            others = [inst for inst in view.instances if inst.id not in tried]
-        if not others:
-            return None
-        return self.balancer.pick(view, others, req.environ.get("REMOTE_ADDR", ""))
+        if others:
+            req.view = view
+            return self.coldstarts.take(view, others, req.client_ip, None, req.arrived_at)
+        req.view = view
+        return self._hold(req)
 
     def _error_triple(self, req: Request, reply: ErrorReply, target: str, cold_start: bool):
         self.metrics.observe(req.name, reply.status, time.monotonic() - req.started)
@@ -364,3 +454,16 @@ def parse_length(value: str | None) -> int | None:
         return max(0, int(value))
     except ValueError:
         return None
+
+
+def parse_client_wait(value: str | None) -> float | None | ErrorReply:
+    """`X-Scale-Up-Timeout: <seconds>`: how long this client is willing to wait for a start."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= 86400:  # NaN fails this too
+        return errors.error(400, f"X-Scale-Up-Timeout must be a number of seconds between 0 and 86400, got {value!r}")
+    return seconds

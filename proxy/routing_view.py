@@ -42,6 +42,9 @@ MISS_RELOAD_SECONDS = 0.1
 class InstanceView:
     id: str
     address: str  # "127.0.0.1:43121"
+    # Unix time it became ready (0: unknown). A request that arrived before it waited for a start:
+    # that, and only that, is a cold start (`Deploy-Cold-Start: true`).
+    ready_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class EndpointView:
     sticky_sessions: bool = False
     hold_queue_size: int = 100
     startup_timeout_seconds: int = 1200
+    status_reason: str = ""
     source_kind: str = "server"
     routes: tuple = ()
     key_hashes: frozenset = frozenset()
@@ -85,25 +89,36 @@ class RoutingView:
     _learned: dict[str, dict[str, _Learned]] = field(default_factory=dict)
     # Ids the last load saw ready or past ready, per endpoint: a learned id seen there is settled.
     _known_ids: dict[str, frozenset] = field(default_factory=dict)
+    # Instances that refused a connection (released, or died): left out until a load no longer
+    # shows them ready, so no request is sent there again meanwhile.
+    _gone: dict[str, float] = field(default_factory=dict)
     loaded_at: float = 0.0
     _miss_reloaded_at: float = 0.0
 
     def get(self, name: str) -> EndpointView | None:
         view = self._endpoints.get(name)
         learned = self._learned.get(name)
-        if view is None or not learned:
+        if view is None or not (learned or self._gone):
             return view
         now = time.monotonic()
         extra = []
-        for inst_id, entry in list(learned.items()):
+        for inst_id, entry in list((learned or {}).items()):
             if now - entry.at > LEARNED_TTL_SECONDS or inst_id in self._known_ids.get(name, ()):
                 del learned[inst_id]
-            elif view.instance(inst_id) is None:
+            elif view.instance(inst_id) is None and inst_id not in self._gone:
                 extra.append(entry.instance)
-        if not extra:
+        instances = view.instances
+        if self._gone:
+            instances = tuple(inst for inst in instances if inst.id not in self._gone)
+        if not extra and len(instances) == len(view.instances):
             return view
-        live_count = max(view.live_count, len(view.instances) + len(extra))
-        return replace(view, instances=view.instances + tuple(extra), live_count=live_count)
+        live_count = max(view.live_count, len(instances) + len(extra))
+        return replace(view, instances=instances + tuple(extra), live_count=live_count)
+
+    def forget(self, instance_id: str) -> None:
+        """An instance refused a connection: route nothing more to it until the database agrees
+        it is gone (or shows it ready again, after a later load)."""
+        self._gone[instance_id] = time.monotonic()
 
     def find(self, name: str) -> EndpointView | None:
         """`get`, but an endpoint the cached view does not know yet (created since the last
@@ -127,10 +142,13 @@ class RoutingView:
         except Exception:  # keep serving the last view when the database hiccups
             log.exception("routing view refresh failed; keeping the previous view")
             return
+        now = time.monotonic()
+        # A forgotten instance stays out for one full load after it was forgotten.
+        self._gone = {iid: at for iid, at in self._gone.items() if now - at < max(1.0, 2 * self.refresh_seconds)}
         self._endpoints = endpoints
         # An id the load saw is settled by the database: drop it from the overlay (in get()).
         self._known_ids = known
-        self.loaded_at = time.monotonic()
+        self.loaded_at = now
 
     def _load(self) -> tuple[dict[str, EndpointView], dict[str, frozenset]]:
         with self.database.session() as session:
@@ -145,6 +163,7 @@ class RoutingView:
                     Endpoint.sticky_sessions,
                     Endpoint.hold_queue_size,
                     Endpoint.startup_timeout_seconds,
+                    Endpoint.status_reason,
                     Endpoint.source_kind,
                     Endpoint.routes,
                 )
@@ -153,7 +172,7 @@ class RoutingView:
             # history of long-stopped instances would grow every refresh without bound.
             recent = datetime.now(timezone.utc) - timedelta(seconds=2 * LEARNED_TTL_SECONDS)
             instance_rows = session.execute(
-                select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.created_at)
+                select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.ready_at)
                 .where(or_(Instance.status.in_(INSTANCE_LIVE_STATES), Instance.stopped_at >= recent))
                 .order_by(Instance.created_at, Instance.id)
             ).all()
@@ -168,13 +187,13 @@ class RoutingView:
         draining: dict[int, set[str]] = {}
         live: dict[int, int] = {}
         seen: dict[int, set[str]] = {}
-        for endpoint_id, inst_id, status, address, _created in instance_rows:
+        for endpoint_id, inst_id, status, address, ready_at in instance_rows:
             if status not in (I_QUEUED, I_PROVISIONING, I_STARTING):
                 seen.setdefault(endpoint_id, set()).add(inst_id)
             if status in INSTANCE_LIVE_STATES:
                 live[endpoint_id] = live.get(endpoint_id, 0) + 1
             if status == I_READY and address:
-                ready.setdefault(endpoint_id, []).append(InstanceView(inst_id, address))
+                ready.setdefault(endpoint_id, []).append(InstanceView(inst_id, address, _epoch(ready_at)))
             elif status == I_DRAINING:
                 draining.setdefault(endpoint_id, set()).add(inst_id)
 
@@ -190,6 +209,7 @@ class RoutingView:
                 sticky_sessions=bool(row.sticky_sessions),
                 hold_queue_size=row.hold_queue_size if row.hold_queue_size is not None else 100,
                 startup_timeout_seconds=row.startup_timeout_seconds or 1200,
+                status_reason=row.status_reason or "",
                 source_kind=row.source_kind or "server",
                 routes=tuple(row.routes or ()),
                 key_hashes=frozenset(keys.get(row.id, ())),
@@ -203,20 +223,26 @@ class RoutingView:
     def poll_ready(self, name: str) -> bool:
         """One endpoint's ready instances, straight from the database: while requests are held
         for a cold start, this sees the instance the moment the worker records it ready, ahead
-        of the lifecycle's answer making its way back through Temporal. Returns whether any."""
+        of the lifecycle's answer making its way back through Temporal; and a route rule naming
+        an instance the cached view does not know yet looks here before answering 1006.
+        Returns whether any."""
         try:
             with self.database.session() as session:
                 rows = session.execute(
-                    select(Instance.id, Instance.address)
+                    select(Instance.id, Instance.address, Instance.ready_at)
                     .join(Endpoint, Endpoint.id == Instance.endpoint_id)
                     .where(Endpoint.name == name, Instance.status == I_READY, Instance.address != "")
                 ).all()
         except Exception:
             log.exception("polling %s for ready instances failed", name)
             return False
-        for inst_id, address in rows:
-            self.learn(name, InstanceView(inst_id, address))
-        return bool(rows)
+        found = False
+        for inst_id, address, ready_at in rows:
+            if inst_id in self._gone:
+                continue
+            self.learn(name, InstanceView(inst_id, address, _epoch(ready_at)))
+            found = True
+        return found
 
     def run_forever(self) -> None:
         """Body of the refresh greenlet."""
@@ -225,3 +251,11 @@ class RoutingView:
         while True:
             gevent.sleep(self.refresh_seconds)
             self.refresh()
+
+
+def _epoch(value: datetime | None) -> float:
+    if value is None:
+        return 0.0
+    if value.tzinfo is None:  # SQLite hands back naive datetimes; every stored time is UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()

@@ -2,9 +2,17 @@
 
 The lifecycle never releases an instance whose aggregated in-flight count is above zero and runs
 its idle timer from `last_request_at`, so this process reports (per endpoint, one `traffic`
-signal per debounce tick at most): whenever its figures changed since its last report, every
+signal per debounce interval at most): whenever its figures changed since its last report, every
 `periodic_seconds` while any instance has requests in flight, and so always soon after the
 in-flight count drops back to zero. Never one signal per request.
+
+One exception to the debounce: a request that begins on an instance after a quiet spell is
+reported at the next tick (`URGENT_TICK_SECONDS`), because the lifecycle may be about to drain
+that instance (it starts draining shortly before the idle retention ends, see
+workflows/lifecycle.py); under steady traffic no instance is ever quiet, so this adds no signals.
+
+`claim()` is the one way a request takes and gives back its place on an instance: the claim is
+released exactly once, whatever path the request leaves by.
 """
 from __future__ import annotations
 
@@ -18,6 +26,10 @@ from workflows.contracts import InstanceTraffic, TrafficReport
 
 # Entries idle this long, with nothing in flight, are dropped from reports.
 FORGET_AFTER_SECONDS = 600.0
+# A request on an instance that saw none for this long is reported without waiting out the debounce.
+QUIET_SPELL_SECONDS = 1.0
+# How often the reporter looks for due reports (an urgent one waits at most this long).
+URGENT_TICK_SECONDS = 0.05
 
 
 @dataclass
@@ -32,6 +44,7 @@ class _EndpointFigures:
     instances: dict[str, _InstanceFigures] = field(default_factory=dict)
     held: int = 0
     dirty: bool = False
+    urgent: bool = False
     last_sent: float = 0.0  # monotonic
 
     def busy(self) -> bool:
@@ -40,6 +53,28 @@ class _EndpointFigures:
 
 def default_reporter_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Claim:
+    """One request's place on one instance: counted in flight from creation until `release()`,
+    which is idempotent, so every exit path may call it (forward.StreamedResponse.close, error
+    answers, exceptions)."""
+
+    __slots__ = ("_tracker", "endpoint", "instance_id", "_held")
+
+    def __init__(self, tracker: "TrafficTracker", endpoint: str, instance_id: str):
+        self._tracker, self.endpoint, self.instance_id = tracker, endpoint, instance_id
+        self._held = True
+        tracker.begin(endpoint, instance_id)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._tracker.end(self.endpoint, self.instance_id)
+
+    @property
+    def held(self) -> bool:
+        return self._held
 
 
 class TrafficTracker:
@@ -72,11 +107,17 @@ class TrafficTracker:
     def in_flight(self, instance_id: str) -> int:
         return self._in_flight.get(instance_id, 0)
 
+    def claim(self, endpoint: str, instance_id: str) -> Claim:
+        return Claim(self, endpoint, instance_id)
+
     def begin(self, endpoint: str, instance_id: str) -> None:
         ep, fig = self._figures(endpoint, instance_id)
+        now = time.time()
+        if fig.in_flight == 0 and now - fig.last_request_at > QUIET_SPELL_SECONDS:
+            ep.urgent = True
         fig.in_flight += 1
         fig.requests += 1
-        fig.last_request_at = time.time()
+        fig.last_request_at = now
         ep.dirty = True
         self._in_flight[instance_id] = self._in_flight.get(instance_id, 0) + 1
 
@@ -108,7 +149,7 @@ class TrafficTracker:
         due = []
         for name, ep in list(self._endpoints.items()):
             since = now - ep.last_sent
-            changed = ep.dirty and since >= self.debounce_seconds
+            changed = ep.dirty and (since >= self.debounce_seconds or ep.urgent)
             keepalive = ep.busy() and since >= self.periodic_seconds
             if not (changed or keepalive):
                 continue
@@ -123,7 +164,7 @@ class TrafficTracker:
                 ],
                 held=ep.held,
             )
-            ep.dirty = False
+            ep.dirty = ep.urgent = False
             ep.last_sent = now
             due.append((name, report))
             self._forget_idle(name, ep, wall)
@@ -144,7 +185,7 @@ class TrafficTracker:
         """Body of the reporter greenlet: one tick per debounce interval."""
         import gevent
 
-        tick = max(0.05, min(self.debounce_seconds, self.periodic_seconds))
+        tick = min(URGENT_TICK_SECONDS, self.debounce_seconds, self.periodic_seconds)
         while True:
             gevent.sleep(tick)
             try:

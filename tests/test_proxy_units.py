@@ -92,6 +92,41 @@ def test_traffic_reports_are_debounced_and_follow_in_flight():
     assert t.in_flight("aaaa") == 0
 
 
+def test_a_request_after_a_quiet_spell_is_reported_at_once(monkeypatch):
+    """The lifecycle starts draining shortly before the idle retention ends: a request that begins
+    then must be known at once, not a debounce interval later (workflows/lifecycle.py)."""
+    import proxy.traffic as traffic
+
+    clock = [1000.0]
+    monkeypatch.setattr(traffic.time, "time", lambda: clock[0])
+    t = TrafficTracker(lambda ep, r: None, debounce_seconds=1.0, periodic_seconds=10.0)
+    t.begin("ep", "aaaa")
+    assert len(t.due_reports(now=100.0)) == 1
+    t.end("ep", "aaaa")
+    clock[0] += 5.0  # a quiet spell
+    t.begin("ep", "aaaa")
+    assert len(t.due_reports(now=100.1)) == 1  # within the debounce interval, yet sent
+    # Steady traffic is debounced as before: no instance is ever quiet.
+    t.end("ep", "aaaa")
+    clock[0] += 0.01
+    t.begin("ep", "aaaa")
+    assert t.due_reports(now=100.2) == []
+
+
+def test_a_claim_is_released_exactly_once():
+    t = TrafficTracker(lambda ep, r: None)
+    released = []
+    t.on_release = released.append
+    claim = t.claim("ep", "aaaa")
+    other = t.claim("ep", "aaaa")
+    assert t.in_flight("aaaa") == 2 and claim.held
+    claim.release()
+    claim.release()
+    assert t.in_flight("aaaa") == 1 and not claim.held and released == ["ep"]
+    other.release()
+    assert t.in_flight("aaaa") == 0
+
+
 def test_held_requests_are_reported():
     t = TrafficTracker(lambda ep, r: None, debounce_seconds=0.1)
     t.hold("ep", +1)

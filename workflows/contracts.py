@@ -77,6 +77,9 @@ class WakeResult:
     instance_id: str
     address: str
     cold_start: bool
+    # When the instance became ready (unix seconds, workflow time), so a caller can tell whether
+    # its request waited for that start.
+    ready_at: float | None = None
 
 
 @dataclass
@@ -88,6 +91,7 @@ class ScaleOutRequest:
 class ScaleOutResult:
     instance_id: str
     address: str
+    ready_at: float | None = None
 
 
 # At the bottom: lifecycle imports TrafficReport from here; the annotation above is resolved

@@ -381,13 +381,13 @@ class EndpointWorkflow:
         await workflow.wait_condition(lambda: self.state is not None)
         ready = lc.routable(self.state)
         if ready:
-            return WakeResult(ready[0].id, ready[0].address, cold_start=False)
+            return WakeResult(ready[0].id, ready[0].address, cold_start=False, ready_at=ready[0].ready_at)
         self.wake(None)
         await workflow.wait_condition(lambda: bool(lc.routable(self.state)) or self.state.desired != lc.SERVING)
         ready = lc.routable(self.state)
         if not ready:
             raise self._not_serving_error()
-        return WakeResult(ready[0].id, ready[0].address, cold_start=True)
+        return WakeResult(ready[0].id, ready[0].address, cold_start=True, ready_at=ready[0].ready_at)
 
     @wake_until_ready.validator
     def _validate_wake(self, req: WakeRequest | None = None) -> None:
@@ -416,7 +416,7 @@ class EndpointWorkflow:
             reason = view.reason if view else "instance ended"
             raise ApplicationError(f"instance {iid} did not become ready: {reason}", type=ERR_START_FAILED,
                                    non_retryable=True)
-        return ScaleOutResult(iid, view.address)
+        return ScaleOutResult(iid, view.address, view.ready_at)
 
     @scale_out.validator
     def _validate_scale_out(self, req: ScaleOutRequest | None = None) -> None:
