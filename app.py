@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Callable
 
 from common.config import Settings, load_settings
 
@@ -46,19 +44,6 @@ def temporal_command(settings: Settings, headless: bool = False) -> list[str]:
     return cmd
 
 
-def wait_for_port(name: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {proc.returncode} before listening on port {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{name}: nothing listening on port {port} after {timeout:.0f}s")
-
-
 def gunicorn_command(settings: Settings, app_path: str, port: int, extra: list[str]) -> list[str]:
     # No control socket: its default path in $HOME is shared by every gunicorn on the machine.
     return [sys.executable, "-m", "gunicorn", "--bind", f"{settings.bind}:{port}", "--no-control-socket", *extra,
@@ -77,64 +62,70 @@ def proxy_command(settings: Settings) -> list[str]:
             "proxy.app:application"]
 
 
+def http_ok(port: int, path: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    return check
+
+
+def ports_in_use(settings: Settings) -> list[str]:
+    """The ports `up` needs that something else holds, as messages that say what to change."""
+    wanted = [(settings.web_port, "STANDBY_WEB_PORT", "the web app"),
+              (settings.proxy_port, "STANDBY_PROXY_PORT", "the proxy")]
+    if not settings.temporal_address:
+        wanted += [(settings.temporal_port, "STANDBY_TEMPORAL_PORT", "Temporal"),
+                   (settings.temporal_ui_port, "STANDBY_TEMPORAL_PORT", "Temporal's Web UI (its port + 1000)")]
+    busy = []
+    for port, variable, what in wanted:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((settings.bind, port))
+            except OSError:
+                busy.append(f"port {port} for {what} is in use by another program: stop it, or set {variable}")
+    return busy
+
+
 def cmd_up(settings: Settings) -> int:
-    """Start every part, supervise, and stop them in reverse order on Ctrl-C or a death."""
+    """Start every part and supervise them (common/supervisor.py); Ctrl-C stops all."""
+    from common.supervisor import Part, Supervisor, port_open
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    busy = ports_in_use(settings)
+    if busy:
+        for message in busy:
+            print(f"standby: {message}", file=sys.stderr, flush=True)
+        return 1
     env = dict(os.environ, STANDBY_DATA_DIR=str(settings.data_dir), PYTHONUNBUFFERED="1")
-    procs: list[tuple[str, subprocess.Popen]] = []
-    stopping = False
+    # One process creates the schema before the others start and read it.
+    from common.db import Database
 
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
+    Database(settings.database_url).engine.dispose()
+    parts = []
+    if not settings.temporal_address:
+        parts.append(Part("temporal", temporal_command(settings), lambda: port_open(settings.temporal_port)))
+    parts += [
+        Part("worker", [sys.executable, str(ROOT / "app.py"), "worker", "--stop-instances-on-exit"]),
+        Part("web", web_command(settings), http_ok(settings.web_port, "/healthz")),
+        Part("proxy", proxy_command(settings), http_ok(settings.proxy_port, "/healthz")),
+    ]
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def start(name: str, cmd: list[str]) -> subprocess.Popen:
-        # Own process groups: Ctrl-C reaches only this supervisor, which stops them in order.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-        procs.append((name, proc))
-        print(f"standby: started {name} (pid {proc.pid})", flush=True)
-        return proc
-
-    try:
-        # One process creates the schema before the others start and read it.
-        from common.db import Database
-
-        Database(settings.database_url).engine.dispose()
-        if not settings.temporal_address:
-            temporal = start("temporal", temporal_command(settings))
-            wait_for_port("temporal", settings.temporal_port, 60, temporal)
-        start("worker", [sys.executable, str(ROOT / "app.py"), "worker", "--stop-instances-on-exit"])
-        web = start("web", web_command(settings))
-        proxy = start("proxy", proxy_command(settings))
-        wait_for_port("web", settings.web_port, 60, web)
-        wait_for_port("proxy", settings.proxy_port, 60, proxy)
+    def announce() -> None:
         print(f"\nStandby is up.\n  UI + API    http://127.0.0.1:{settings.web_port}/\n"
               f"  endpoints   http://127.0.0.1:{settings.proxy_port}/e/<name>/\n"
               + ("" if settings.temporal_address else
                  f"  Temporal UI http://127.0.0.1:{settings.temporal_ui_port}/ (gRPC {settings.temporal_target})\n")
-              + "Ctrl-C stops everything.\n", flush=True)
-        while not stopping:
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    print(f"standby: {name} exited with code {proc.returncode}; stopping", flush=True)
-                    stopping = True
-            time.sleep(0.5)
-    except (RuntimeError, TimeoutError) as err:
-        print(f"standby: {err}", file=sys.stderr)
-    finally:
-        for name, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=settings.stop_grace_seconds + 20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            print(f"standby: {name} stopped", flush=True)
-    return 0
+              + "A part that dies is restarted; Ctrl-C stops everything.\n", flush=True)
+
+    supervisor = Supervisor(parts, cwd=str(ROOT), env=env)
+    return supervisor.run(settings.stop_grace_seconds + 20, on_up=announce)
 
 
 def main(argv: list[str] | None = None) -> int:

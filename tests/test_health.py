@@ -76,11 +76,18 @@ def test_a_500_is_not_ready_and_progress_is_reported(settings, backend, tmp_path
         "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
     launched = launch(settings, backend, "five1", f"{sys.executable} {script} $PORT")
     answers = []
+    # First while nothing listens yet, then once it answers: both are what the probe reports.
+    first = wait_until_ready(launched.address, "", 0.01, lambda: backend.liveness("five1"), on_answer=answers.append)
+    assert not first.ready
+    deadline = time.monotonic() + 15
+    while probe(launched.address, "", 1.0)[1] != "GET / -> HTTP 503" and time.monotonic() < deadline:
+        time.sleep(0.05)
     result = wait_until_ready(launched.address, "", 2.0, lambda: backend.liveness("five1"), on_answer=answers.append)
     assert not result.ready
     assert result.reason == ("not ready within 2 s: waited for any HTTP answer below 500 on its port; "
                              "last answer: GET / -> HTTP 503")
     # What the detail page shows while it starts: first nothing listening, then the 503.
+    assert answers[0] == "GET / -> connection refused, waiting for any HTTP answer below 500 on its port"
     assert answers[-1] == "GET / -> HTTP 503, waiting for any HTTP answer below 500 on its port"
 
 

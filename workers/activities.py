@@ -397,13 +397,12 @@ class _ProbeProgress:
 
     def __init__(self, acts: "StandbyActivities", endpoint: str, instance_id: str, every_seconds: float = 1.0):
         self.acts, self.endpoint, self.instance_id = acts, endpoint, instance_id
-        self.every, self.last_write, self.pending = every_seconds, 0.0, ""
+        self.every, self.last_write, self.written = every_seconds, 0.0, ""
 
     def __call__(self, answer: str) -> None:
-        self.pending = answer
         now = time.monotonic()
-        if now - self.last_write >= self.every:
-            self.last_write = now
+        if answer != self.written and now - self.last_write >= self.every:
+            self.last_write, self.written = now, answer
             self.acts.record_instance(InstanceRecord(self.endpoint, self.instance_id, "starting", reason=answer))
 
 

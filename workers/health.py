@@ -86,9 +86,9 @@ def wait_until_ready(
 
     is_alive returns a bool or a Liveness (whose exit_code makes a better message).
     heartbeat is called on every poll: the activity passes activity.heartbeat, so a
-    cancelled activity stops waiting at the next poll. on_answer is called whenever the
-    probe's answer changes ("GET / -> connection refused", then "GET / -> HTTP 404"), so the
-    detail page can say what the instance is waiting for.
+    cancelled activity stops waiting at the next poll. on_answer is called with every probe's
+    answer ("GET / -> connection refused", then "GET / -> HTTP 404"), so the detail page can say
+    what the instance is waiting for.
     """
     path = normalize_path(path)
     started = time.monotonic()
@@ -105,7 +105,7 @@ def wait_until_ready(
         ok, answer = probe(address, path, max(0.05, min(MAX_PROBE_TIMEOUT, remaining)))
         if ok:
             return ReadyResult(True, f"{answer}: ready", time.monotonic() - started, answer)
-        if answer != last_answer and on_answer is not None:
+        if on_answer is not None:
             on_answer(f"{answer}, waiting for {expectation(path)}")
         last_answer = answer
         now = time.monotonic()
