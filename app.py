@@ -6,6 +6,9 @@
     python app.py proxy     the endpoint proxy under gunicorn
     python app.py worker    the Temporal worker (workflows + activities)
     python app.py temporal  the embedded Temporal dev server alone
+    python app.py db upgrade|current|revision
+                            the database schema by hand (README.md "Upgrading"); the commands
+                            above bring it up to date themselves before serving
 """
 from __future__ import annotations
 
@@ -93,6 +96,42 @@ def ports_in_use(settings: Settings) -> list[str]:
     return busy
 
 
+def prepare_database(settings: Settings, *, wait_only: bool = False) -> None:
+    """Bring the database to this release's schema before serving (README.md "Upgrading"). The
+    upgrade runs under a lock, so parts starting together neither race nor repeat it; the proxy,
+    which only reads, waits for a part that writes (web, worker) to do it instead."""
+    from common.schema import SchemaError, current_revision, head_revision, upgrade, wait_until_current
+
+    try:
+        if wait_only:
+            if current_revision(settings.database_url) != head_revision():
+                print("standby: waiting for the web app or the worker to upgrade the database schema", flush=True)
+            wait_until_current(settings.database_url)
+            return
+        done = upgrade(settings.database_url)
+    except SchemaError as err:
+        sys.exit(f"standby: {err}")
+    if done.before != done.after:
+        print(f"standby: {done}", flush=True)
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from common import schema
+
+    try:
+        if args.db_command == "upgrade":
+            print(schema.upgrade(settings.database_url))
+        elif args.db_command == "current":
+            print(schema.describe_current(settings.database_url))
+        else:
+            path = schema.new_revision(args.message, autogenerate=args.autogenerate)
+            print(f"wrote {path.relative_to(ROOT)}: review it, run the tests, commit it")
+    except schema.SchemaError as err:
+        print(f"standby: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_up(settings: Settings) -> int:
     """Start every part and supervise them (common/supervisor.py); Ctrl-C stops all."""
     from common.supervisor import Part, Supervisor, port_open
@@ -104,10 +143,8 @@ def cmd_up(settings: Settings) -> int:
             print(f"standby: {message}", file=sys.stderr, flush=True)
         return 1
     env = dict(os.environ, STANDBY_DATA_DIR=str(settings.data_dir), PYTHONUNBUFFERED="1")
-    # One process creates the schema before the others start and read it.
-    from common.db import Database
-
-    Database(settings.database_url).engine.dispose()
+    # Once, before the parts start and read it.
+    prepare_database(settings)
     parts = []
     if not settings.temporal_address:
         parts.append(Part("temporal", temporal_command(settings), lambda: port_open(settings.temporal_port)))
@@ -139,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop every instance process of this host when the worker exits")
     temporal = sub.add_parser("temporal", help="the embedded Temporal dev server")
     temporal.add_argument("--headless", action="store_true")
+    db = sub.add_parser("db", help="the database schema: upgrade, current, revision")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="bring the database to this release's schema")
+    db_sub.add_parser("current", help="the database's schema revision")
+    revision = db_sub.add_parser("revision", help="write a new migration (developers)")
+    revision.add_argument("-m", "--message", required=True, help="what the migration changes")
+    revision.add_argument("--autogenerate", action="store_true",
+                          help="from the difference between common/models.py and the newest migration")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -147,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         return cmd_up(settings)
+    if args.command == "db":
+        return cmd_db(args, settings)
+    if args.command in ("worker", "web", "proxy"):
+        prepare_database(settings, wait_only=args.command == "proxy")
     if args.command == "worker":
         from workers.worker import main as worker_main
 

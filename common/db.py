@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
-import time
-
-from sqlalchemy import create_engine, event
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import URL, create_engine, event, make_url
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
-
-from common.models import Base
 
 
 def engine_options(database_url: str) -> dict:
@@ -36,35 +32,32 @@ def install_sqlite_pragmas(engine: Engine) -> None:
         event.listen(engine, "connect", _sqlite_pragmas)
 
 
-def make_engine(database_url: str) -> Engine:
-    if database_url.startswith("sqlite:///"):
-        from pathlib import Path
+def sqlite_file(database_url: str | URL) -> Path | None:
+    """The file of a SQLite database URL; None for other databases and in-memory SQLite."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
 
-        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+def make_engine(database_url: str) -> Engine:
+    path = sqlite_file(database_url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(database_url, **engine_options(database_url))
     install_sqlite_pragmas(engine)
     return engine
 
 
-def create_schema(engine: Engine, attempts: int = 10) -> None:
-    """Create missing tables. Web app, proxy workers and worker start together on a fresh
-    database and race to create the same tables: the loser sees "already exists" and looks again."""
-    for attempt in range(attempts):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            if "already exists" not in str(exc) and "duplicate key" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
 class Database:
-    """A session factory; `with db.session() as s:` commits on success, rolls back on error."""
+    """A session factory; `with db.session() as s:` commits on success, rolls back on error.
+
+    Opening one never creates or changes tables: the schema is brought up to date on command
+    (`python app.py db upgrade`, or each command's start), by common/schema.py.
+    """
 
     def __init__(self, database_url: str):
         self.engine = make_engine(database_url)
-        create_schema(self.engine)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

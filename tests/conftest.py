@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import load_settings  # noqa: E402
 from common.db import Database  # noqa: E402
+from common.schema import upgrade  # noqa: E402
 from common.models import Endpoint, Event, Instance  # noqa: E402
 
 
@@ -130,6 +131,7 @@ class Stack:
         })
         self.env.update(extra_env or {})
         self.settings = load_settings(self.env)
+        upgrade(self.settings.database_url)  # as `app.py worker` does before serving
         self.db = Database(self.settings.database_url)
         self.worker: subprocess.Popen | None = None
         self._client = None
@@ -268,6 +270,7 @@ def web_app(tmp_path, **env):
         "STANDBY_GPUS": "T4:2",
         **env,
     })
+    upgrade(settings.database_url)  # as `app.py web` does before gunicorn builds the app
     app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test"})
     yield app
     app.extensions["temporal_bridge"].close()

@@ -20,6 +20,7 @@ import requests
 from sqlalchemy import select
 
 from common.db import Database
+from common.schema import upgrade
 from common.models import ApiKey, Endpoint, Instance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +129,9 @@ class ProxyWorld:
         })
         self.env.pop("DATABASE_URL", None)
         self.env.update(extra_env or {})
-        self.db = Database(f"sqlite:///{self.data_dir / 'standby.db'}")
+        database_url = f"sqlite:///{self.data_dir / 'standby.db'}"
+        upgrade(database_url)  # as the web app or worker does before the proxy reads it
+        self.db = Database(database_url)
         self.instances: dict[str, InstanceProcess] = {}
         self.proxy = ProxyProcess(self.env, tmp_path / "proxy.log")
 

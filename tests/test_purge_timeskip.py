@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from common.config import load_settings
 from common.db import Database
+from common.schema import upgrade
 from common.models import Endpoint, Event, Instance
 from workers.activities import StandbyActivities
 from workers.backends import make_backend
@@ -67,6 +68,7 @@ async def _purge_scenario(tmp_path: Path) -> None:
         "STANDBY_STOP_GRACE_SECONDS": "2",
     })
     assert settings.purge_after_seconds == FOURTEEN_DAYS.total_seconds()  # the default, untouched
+    upgrade(settings.database_url)
     db = Database(settings.database_url)
     backend = make_backend(settings)
     name = "purgeme"

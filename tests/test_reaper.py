@@ -5,6 +5,7 @@ import sys
 
 from common.config import load_settings
 from common.db import Database
+from common.schema import upgrade
 from common.models import Endpoint, Event, Instance
 from workers.backends import make_backend
 from workers.backends.base import LaunchSpec
@@ -23,6 +24,7 @@ def launch(settings, backend, iid):
 def test_reap_stops_unwanted_and_notes_missing(tmp_path):
     settings = load_settings({"STANDBY_DATA_DIR": str(tmp_path), "STANDBY_HOST": "reaphost",
                               "STANDBY_STOP_GRACE_SECONDS": "1"})
+    upgrade(settings.database_url)
     db = Database(settings.database_url)
     backend = make_backend(settings)
     with db.session() as s:

@@ -14,7 +14,7 @@ from flask_wtf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from common.config import Settings, load_settings
-from common.db import create_schema, engine_options, install_sqlite_pragmas
+from common.db import engine_options, install_sqlite_pragmas
 from webapp.extensions import db
 from webapp.temporal_bridge import TemporalBridge
 
@@ -62,10 +62,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["standby_settings"] = settings
     app.extensions["temporal_bridge"] = app.config.get("STANDBY_BRIDGE") or TemporalBridge(settings)
 
+    # The schema is not created here: `app.py web` and `up` upgrade it before gunicorn imports
+    # this (README.md "Upgrading").
     db.init_app(app)
     with app.app_context():
         install_sqlite_pragmas(db.engine)
-        create_schema(db.engine)
     csrf.init_app(app)
 
     from webapp import api, ui

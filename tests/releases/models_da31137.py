@@ -1,0 +1,198 @@
+"""Database models shared by the web app (spec), the worker (observed state) and the proxy (reads).
+
+Plain SQLAlchemy declarative models so that the worker and the proxy use them without a Flask
+app; the web app hands `Base` to Flask-SQLAlchemy as its model class.
+
+Single writer per column group (DESIGN.md "Who owns what"):
+- spec columns of `Endpoint`, `ApiKey`, `Model`, `ModelVersion`: the web app;
+- `Endpoint.status*`, `Instance`, `Event`: worker activities;
+- nothing on the hot path writes to the database.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list: JSON}
+
+
+# Endpoint states shown to users.
+QUEUED, STARTING, RUNNING, STANDBY = "queued", "starting", "running", "standby"
+STOPPING, STOPPED, FAILED, TERMINATED = "stopping", "stopped", "failed", "terminated"
+ENDPOINT_STATES = (QUEUED, STARTING, RUNNING, STANDBY, STOPPING, STOPPED, FAILED, TERMINATED)
+
+# Instance states. `ready` instances are the only ones the proxy routes to.
+I_QUEUED, I_PROVISIONING, I_STARTING, I_READY = "queued", "provisioning", "starting", "ready"
+I_DRAINING, I_STOPPING, I_STOPPED, I_FAILED = "draining", "stopping", "stopped", "failed"
+INSTANCE_LIVE_STATES = (I_QUEUED, I_PROVISIONING, I_STARTING, I_READY, I_DRAINING, I_STOPPING)
+
+
+class Endpoint(Base):
+    __tablename__ = "endpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    environment: Mapped[str] = mapped_column(String(32), default="development")
+
+    # Source: "server" (start_command + port, optional source_dir) or "routes" (issue 4).
+    source_kind: Mapped[str] = mapped_column(String(16), default="server")
+    start_command: Mapped[str] = mapped_column(Text, default="")
+    image: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[int] = mapped_column(Integer, default=8080)
+    source_dir: Mapped[str] = mapped_column(Text, default="")
+    # [{"key": "HF_TOKEN", "value": "...", "secret": true}, ...]
+    env: Mapped[list] = mapped_column(JSON, default=list)
+    # Routes source (issue 4): model version or git, plus the route templates.
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    git_url: Mapped[str] = mapped_column(Text, default="")
+    git_ref: Mapped[str] = mapped_column(String(255), default="")
+    routes: Mapped[list] = mapped_column(JSON, default=list)
+
+    gpu_type: Mapped[str] = mapped_column(String(64), default="")
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_cores: Mapped[float] = mapped_column(Float, default=1.0)
+    memory_gb: Mapped[float] = mapped_column(Float, default=1.0)
+    disk_gb: Mapped[int] = mapped_column(Integer, default=10)
+
+    min_instances: Mapped[int] = mapped_column(Integer, default=0)
+    max_instances: Mapped[int] = mapped_column(Integer, default=1)
+    idle_retention_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    startup_timeout_seconds: Mapped[int] = mapped_column(Integer, default=1200)
+    health_path: Mapped[str] = mapped_column(String(255), default="/ping")
+    health_interval_seconds: Mapped[int] = mapped_column(Integer, default=10)
+
+    # Proxy settings (issue 3).
+    max_concurrency: Mapped[int] = mapped_column(Integer, default=0)  # 0 = unlimited
+    balancing: Mapped[str] = mapped_column(String(32), default="round_robin")
+    sticky_sessions: Mapped[bool] = mapped_column(Boolean, default=False)
+    hold_queue_size: Mapped[int] = mapped_column(Integer, default=100)
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    spec_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # ---- observed state: written by worker activities only ----
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    queue_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    purge_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    status_updated_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    instances: Mapped[list["Instance"]] = relationship(
+        back_populates="endpoint", cascade="all, delete-orphan", order_by="Instance.created_at.desc()"
+    )
+    api_keys: Mapped[list["ApiKey"]] = relationship(back_populates="endpoint", cascade="all, delete-orphan")
+
+    @property
+    def workflow_id(self) -> str:
+        return f"endpoint-{self.name}"
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # short id, e.g. "xykemlvy"
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"), index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default=I_QUEUED)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str] = mapped_column(String(255), default="")
+    address: Mapped[str] = mapped_column(String(255), default="")  # "127.0.0.1:43121"
+    port: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gpu_type: Mapped[str] = mapped_column(String(64), default="")
+    gpus: Mapped[list] = mapped_column(JSON, default=list)  # granted GPU indices
+    queue_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    container_id: Mapped[str] = mapped_column(String(128), default="")
+    workdir: Mapped[str] = mapped_column(Text, default="")
+    log_path: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)  # provisioned
+    ready_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Billed: GPU count x (stopped_at - ready_at). Queued time is never billed.
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+    endpoint: Mapped[Endpoint] = relationship(back_populates="instances")
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text, default="")
+
+
+class ApiKey(Base):
+    """Endpoint API keys (issue 3): stored hashed, shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    endpoint: Mapped[Endpoint] = relationship(back_populates="api_keys")
+
+
+class Model(Base):
+    """Model registry (issue 4): a name with immutable versions."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list["ModelVersion"]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", order_by="ModelVersion.number"
+    )
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "archive" | "git"
+    # archive: stored under data_dir/models/...; git: url + ref, commit resolved at provision.
+    archive_path: Mapped[str] = mapped_column(Text, default="")
+    archive_size: Mapped[int] = mapped_column(Integer, default=0)
+    archive_sha256: Mapped[str] = mapped_column(String(64), default="")
+    git_url: Mapped[str] = mapped_column(Text, default="")
+    git_ref: Mapped[str] = mapped_column(String(255), default="")
+    resolved_commit: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
