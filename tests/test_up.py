@@ -1,9 +1,13 @@
-"""`app.py up`: the whole system on one machine, and Ctrl-C leaves nothing behind."""
+"""`app.py up` as a new user runs it: from a venv built from requirements.txt alone (so a runtime
+dependency that only the test requirements bring in fails here), the tutorial's endpoint served
+through the proxy, Ctrl-C leaving nothing behind; a busy port named with exit status 1."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,10 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import USED_ENDPOINT_NAMES
+from tests.user_world import UpProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(900)
 
 
 def alive(pid: int) -> bool:
@@ -26,63 +31,62 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_up_runs_everything_and_ctrl_c_stops_all(tmp_path):
-    ports = {name: free_port() for name in ("web", "proxy", "temporal")}
-    env = {k: v for k, v in os.environ.items() if k not in ("TEMPORAL_ADDRESS", "DATABASE_URL")}
-    env.update({
-        "STANDBY_DATA_DIR": str(tmp_path / "data"),
-        "STANDBY_WEB_PORT": str(ports["web"]),
-        "STANDBY_PROXY_PORT": str(ports["proxy"]),
-        "STANDBY_TEMPORAL_PORT": str(ports["temporal"]),
-        "STANDBY_GPUS": "T4:1",
-        "STANDBY_STOP_GRACE_SECONDS": "2",
-        "PYTHONUNBUFFERED": "1",
-    })
-    # The Temporal UI listens on the gRPC port + 1000: make sure that one is free too.
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "up"], cwd=ROOT, env=env, stdout=log,
-                          stderr=subprocess.STDOUT)
+@pytest.fixture(scope="session")
+def runtime_python(tmp_path_factory) -> str:
+    """A venv with requirements.txt only, as `./run up` builds it; cached by the file's hash."""
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("STANDBY_TEST_CACHE", Path.home() / ".cache" / "standby-tests"))
+    venv = cache / f"runtime-venv-{digest}"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(ROOT / "requirements.txt")],
+                       check=True, timeout=900)
+        (venv / ".complete").touch()
+    return str(python)
+
+
+def test_up_from_a_runtime_only_venv_serves_the_tutorial_and_ctrl_c_stops_all(tmp_path, runtime_python):
+    up = UpProcess(tmp_path, python=runtime_python).start(timeout=180)
+    instance_pid = None
     try:
-        wait_until(lambda: up.poll() is not None or "Standby is up" in (tmp_path / "up.log").read_text(), 120,
-                   interval=0.3, message="app.py up to report it is up")
-        assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-        web = f"http://127.0.0.1:{ports['web']}"
-        r = requests.post(f"{web}/api/v1/endpoints", json={
-            "name": "uptest", "start_command": f"{sys.executable} -m http.server $PORT --bind 127.0.0.1",
-            "port": 8080, "health_path": "/", "min_instances": 1, "startup_timeout_seconds": 180}, timeout=30)
-        assert r.status_code == 201, r.text
-        wait_until(lambda: requests.get(f"{web}/api/v1/endpoints/uptest", timeout=10).json()["status"] == "running",
-                   60, interval=0.3, message="endpoint running")
-        inst = requests.get(f"{web}/api/v1/endpoints/uptest/instances", timeout=10).json()["instances"][0]
-        assert requests.get(f"http://{inst['address']}/", timeout=5).status_code == 200
-        # The proxy serves the fixed URL.
-        via_proxy = requests.get(f"http://127.0.0.1:{ports['proxy']}/e/uptest/", timeout=30)
-        assert via_proxy.status_code == 200
-        assert via_proxy.headers["Deploy-Route-Target"] == inst["id"]
+        name = "uptutorial"
+        assert name not in USED_ENDPOINT_NAMES
+        USED_ENDPOINT_NAMES.add(name)
+        up.create({"name": name, "start_command": "python -m http.server 8080", "port": 8080, "max_instances": 2})
+        up.wait_status(name, "standby")
+        served = up.call(name, "/")
+        assert served.status_code == 200 and served.headers["Deploy-Cold-Start"] == "true", served.text
         # The Temporal Web UI is on (not headless).
-        assert requests.get(f"http://127.0.0.1:{ports['temporal'] + 1000}/", timeout=10).status_code == 200
-        instance_pid = next(int(p) for p in _instance_pids(tmp_path))
+        assert requests.get(f"http://127.0.0.1:{up.ports['temporal'] + 1000}/", timeout=10).status_code == 200
+        instance_pid = next(iter(_instance_pids(tmp_path)))
         assert alive(instance_pid)
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise
-        log.close()
-    output = (tmp_path / "up.log").read_text()
+        status = up.stop()
+    output = up.log()
+    assert status == 0, output[-3000:]
     pids = [int(p) for p in re.findall(r"started \w+ \(pid (\d+)\)", output)]
     assert len(pids) == 4, output
     time.sleep(0.5)
     assert [p for p in pids if alive(p)] == [], output
-    assert not alive(instance_pid), "Ctrl-C left an instance process behind"
-    assert up.returncode == 0
+    assert instance_pid is None or not alive(instance_pid), "Ctrl-C left an instance process behind"
+    assert "restarting" not in output, output
+
+
+def test_up_names_a_busy_port_and_exits_1(tmp_path):
+    up = UpProcess(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", up.ports["proxy"]))
+        squatter.listen()
+        up.start(wait=False)
+        up.proc.wait(60)
+    assert up.proc.returncode == 1
+    assert f"port {up.ports['proxy']} for the proxy is in use by another program: stop it, or set " \
+           "STANDBY_PROXY_PORT" in up.log()
+    assert "started" not in up.log()  # nothing was started to be left behind
 
 
 def _instance_pids(tmp_path: Path):
-    import json
-
     for state in (tmp_path / "data" / "instances").glob("*.json"):
         pid = json.loads(state.read_text()).get("pid")
         if pid:
