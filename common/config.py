@@ -68,6 +68,8 @@ class Settings:
     proxy_workers: int = 1
     # A client that stops sending its request body for this long gets 408.
     proxy_body_timeout_seconds: float = 60.0
+    # A held request waits this long through Temporal being unreachable (a restart) before 503.
+    proxy_lifecycle_outage_seconds: float = 60.0
     secret_key: str = ""
     public_proxy_url: str = ""
     # Workflow histories continue-as-new after this many events.
@@ -157,6 +159,7 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_hold_queue_size=_int(env, "STANDBY_PROXY_HOLD_QUEUE_SIZE", 100),
         proxy_workers=_int(env, "STANDBY_PROXY_WORKERS", 1),
         proxy_body_timeout_seconds=_float(env, "STANDBY_PROXY_BODY_TIMEOUT_SECONDS", 60.0),
+        proxy_lifecycle_outage_seconds=_float(env, "STANDBY_PROXY_LIFECYCLE_OUTAGE_SECONDS", 60.0),
         secret_key=secret_key,
         public_proxy_url=env.get("STANDBY_PUBLIC_PROXY_URL", ""),
         continue_as_new_events=_int(env, "STANDBY_CONTINUE_AS_NEW_EVENTS", 2000),

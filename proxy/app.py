@@ -19,7 +19,7 @@ from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics, render
 from proxy.routing_view import RoutingView
 from proxy.temporal_bridge import TemporalBridge
-from proxy.traffic import TrafficTracker
+from proxy.traffic import ReporterSlot, TrafficTracker
 
 log = logging.getLogger("standby.proxy")
 
@@ -35,10 +35,12 @@ class ProxyApp:
             self.bridge.send_traffic,
             debounce_seconds=settings.traffic_debounce_seconds,
             periodic_seconds=settings.traffic_periodic_seconds,
+            slot=ReporterSlot(settings.data_dir / "proxy-reporters", settings.proxy_port),
         )
         self.metrics = Metrics()
         self.balancer = Balancer(self.tracker.in_flight)
-        self.coldstarts = ColdStarts(self.bridge, self.routing, self.balancer, self.tracker, self.metrics)
+        self.coldstarts = ColdStarts(self.bridge, self.routing, self.balancer, self.tracker, self.metrics,
+                                     outage_grace_seconds=settings.proxy_lifecycle_outage_seconds)
         self.forwarder = Forwarder(connect_timeout=settings.proxy_connect_timeout_seconds)
         self.handler = ProxyHandler(
             self.routing,
@@ -64,6 +66,10 @@ class ProxyApp:
         gevent.spawn(self.tracker.run_forever)
         self.bridge.start()
         self.bridge.connect_soon()
+        healed = self.tracker.heal()
+        if healed:
+            log.warning("took over the reports of a proxy process that died: %d endpoint(s) had requests in "
+                        "flight, now reported ended", len(healed))
 
     def __call__(self, environ, start_response):
         if not self._started:

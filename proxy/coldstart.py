@@ -24,7 +24,7 @@ from gevent.event import AsyncResult, Event
 from proxy.balancer import Balancer
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, InstanceView, RoutingView
-from proxy.temporal_bridge import ERR_REPLICA_QUOTA, LifecycleError, TemporalBridge
+from proxy.temporal_bridge import ERR_REPLICA_QUOTA, ERR_TIMEOUT, ERR_UNAVAILABLE, LifecycleError, TemporalBridge
 from proxy.traffic import Claim, TrafficTracker
 
 NOT_SERVING_STATES = ("stopped", "failed", "terminated")
@@ -78,6 +78,7 @@ class ColdStarts:
         balancer: Balancer,
         tracker: TrafficTracker,
         metrics: Metrics,
+        outage_grace_seconds: float = 60.0,
     ):
         self.bridge = bridge
         self.routing = routing
@@ -88,6 +89,8 @@ class ColdStarts:
         self._scale_outs: dict[str, AsyncResult] = {}
         self._scale_out_refused_at: dict[str, float] = {}
         self._changed: dict[str, Event] = {}
+        # How long a held request waits through Temporal being unreachable (it restarts).
+        self.outage_grace_seconds = outage_grace_seconds
         tracker.on_release = self.notify
 
     # ---- choosing and claiming ----
@@ -146,7 +149,8 @@ class ColdStarts:
     def _poll_until_ready(self, name: str, pending: AsyncResult) -> None:
         """While a wake is pending, look for the instance in the database every few milliseconds:
         the worker records it ready before the lifecycle's answer makes its way back through
-        Temporal. One poller per endpoint and process, however many requests are held."""
+        Temporal (or while Temporal restarts). One poller per endpoint and process, however many
+        requests are held."""
         while not pending.ready():
             pending.wait(COLD_START_POLL_SECONDS)
             if not pending.ready() and self.routing.poll_ready(name):
@@ -205,6 +209,7 @@ class ColdStarts:
         deadline = started + view.startup_timeout_seconds
         client_deadline = started + client_wait if client_wait is not None else None
         next_tick = started + tick_seconds if tick_seconds else None
+        outage_since: float | None = None
         while True:
             view = self.routing.get(name)
             if view is None:
@@ -238,8 +243,22 @@ class ColdStarts:
             self._wait_change(name, wait)
             if pending is not None and pending.ready():
                 exc = pending.exception
-                if exc is not None and not (isinstance(exc, LifecycleError) and exc.kind == ERR_REPLICA_QUOTA):
+                if exc is None:
+                    outage_since = None
+                elif not _passing(exc):
                     raise exc
+                elif exc.kind != ERR_REPLICA_QUOTA:
+                    outage_since = outage_since or time.monotonic()
+                    if time.monotonic() - outage_since > self.outage_grace_seconds:
+                        raise exc
+
+
+def _passing(exc: BaseException) -> bool:
+    """Failures a held request waits through: the replica quota (a request ending frees room),
+    and Temporal unreachable or slow (it restarts; the instance may be starting all the same, and
+    the database poll sees it ready). The next turn of the loop asks again; only the startup
+    timeout, the client's own limit, or a definite answer (failed, not serving) ends the hold."""
+    return isinstance(exc, LifecycleError) and exc.kind in (ERR_REPLICA_QUOTA, ERR_UNAVAILABLE, ERR_TIMEOUT)
 
 
 def _ready_at(result) -> float:

@@ -13,13 +13,23 @@ workflows/lifecycle.py); under steady traffic no instance is ever quiet, so this
 
 `claim()` is the one way a request takes and gives back its place on an instance: the claim is
 released exactly once, whatever path the request leaves by.
+
+A proxy process that dies takes its in-flight requests with it, but the lifecycle would still
+count them (until its report goes stale, a minute later) and keep their instances, and GPUs,
+for nothing. So each process reports under a *slot* (`ReporterSlot`): a numbered lock file that
+the kernel releases when the process dies, and a file of what it last reported. Its successor
+(gunicorn's replacement worker, or the restarted proxy) takes the free slot, reads that file and
+reports the dead process's requests as ended: one report interval after the restart, the counts
+are right again.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from workflows.contracts import InstanceTraffic, TrafficReport
@@ -77,6 +87,45 @@ class Claim:
         return self._held
 
 
+class ReporterSlot:
+    """This process's reporter identity (`<host>:<port>:<slot>`), held by an flock on
+    `<dir>/<port>-<slot>.lock`, and the file of its last reports, `<dir>/<port>-<slot>.json`."""
+
+    def __init__(self, directory: Path, port: int, max_slots: int = 256):
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for slot in range(max_slots):
+            fd = os.open(directory / f"{port}-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._fd = fd  # held for the life of the process
+            self.reporter = f"{socket.gethostname()}:{port}:{slot}"
+            self.path = directory / f"{port}-{slot}.json"
+            return
+        raise RuntimeError(f"no free reporter slot under {directory} (more than {max_slots} proxy processes?)")
+
+    def load(self) -> dict[str, TrafficReport]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        reports = {}
+        for endpoint, item in raw.items():
+            instances = [InstanceTraffic(**i) for i in item.get("instances", [])]
+            reports[endpoint] = TrafficReport(item["reporter"], item["seq"], item["sent_at"], instances,
+                                              item.get("held", 0))
+        return reports
+
+    def save(self, reports: dict[str, TrafficReport]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({name: asdict(report) for name, report in reports.items()}))
+        os.replace(tmp, self.path)
+
+
 class TrafficTracker:
     def __init__(
         self,
@@ -84,12 +133,17 @@ class TrafficTracker:
         debounce_seconds: float = 1.0,
         periodic_seconds: float = 10.0,
         reporter: str | None = None,
+        slot: ReporterSlot | None = None,
     ):
         self._send = send
         self.debounce_seconds = debounce_seconds
         self.periodic_seconds = periodic_seconds
-        self.reporter = reporter or default_reporter_id()
-        self._seq = 0
+        self.slot = slot
+        self.reporter = reporter or (slot.reporter if slot else default_reporter_id())
+        # Reports of a slot's successive owners must keep growing: a time-based sequence.
+        self._seq = time.time_ns()
+        # What this reporter last told each endpoint (kept in the slot's file).
+        self._last_reports: dict[str, TrafficReport] = {}
         self._endpoints: dict[str, _EndpointFigures] = {}
         self._in_flight: dict[str, int] = {}  # instance id -> count, for the balancer
         # Called with the endpoint name whenever one of its requests ends (capacity freed).
@@ -153,7 +207,7 @@ class TrafficTracker:
             keepalive = ep.busy() and since >= self.periodic_seconds
             if not (changed or keepalive):
                 continue
-            self._seq += 1
+            self._seq = max(self._seq + 1, time.time_ns())
             report = TrafficReport(
                 reporter=self.reporter,
                 seq=self._seq,
@@ -178,8 +232,38 @@ class TrafficTracker:
             del self._endpoints[name]
 
     def flush(self) -> None:
-        for endpoint, report in self.due_reports():
+        due = self.due_reports()
+        for endpoint, report in due:
             self._send(endpoint, report)
+        if due and self.slot is not None:
+            self._last_reports.update(due)
+            try:
+                self.slot.save(self._last_reports)
+            except OSError:
+                pass  # healing after a crash is best effort; reporting itself went out
+
+    def heal(self) -> list[tuple[str, TrafficReport]]:
+        """Take over the slot of a process that died: report its in-flight requests as ended
+        (now), keeping its last request times, so the lifecycle counts right at once."""
+        if self.slot is None:
+            return []
+        now = time.time()
+        healed = []
+        for endpoint, old in self.slot.load().items():
+            if not any(i.in_flight for i in old.instances):
+                continue
+            self._seq = max(self._seq + 1, time.time_ns())
+            instances = [InstanceTraffic(i.instance_id, 0, now if i.in_flight else i.last_request_at, i.requests)
+                         for i in old.instances]
+            report = TrafficReport(self.reporter, self._seq, now, instances, 0)
+            self._send(endpoint, report)
+            healed.append((endpoint, report))
+        self._last_reports = dict(healed)
+        try:
+            self.slot.save(self._last_reports)
+        except OSError:
+            pass
+        return healed
 
     def run_forever(self) -> None:
         """Body of the reporter greenlet: one tick per debounce interval."""

@@ -126,6 +126,8 @@ class ProxyWorld:
             "STANDBY_PROXY_WORKERS": str(workers),
             "STANDBY_PROXY_LOG_LEVEL": "warning",
             "STANDBY_PROXY_GRACEFUL_SECONDS": "1",
+            # No lifecycle here: a held request gives up on it at once rather than after a minute.
+            "STANDBY_PROXY_LIFECYCLE_OUTAGE_SECONDS": "0",
         })
         self.env.pop("DATABASE_URL", None)
         self.env.update(extra_env or {})

@@ -127,6 +127,37 @@ def test_a_claim_is_released_exactly_once():
     assert t.in_flight("aaaa") == 0
 
 
+def test_a_dead_reporters_in_flight_requests_are_reported_ended_by_its_successor(tmp_path):
+    """A proxy process killed with requests in flight: the process that takes its slot reports
+    them ended at once, instead of the lifecycle counting them for a minute (proxy/traffic.py)."""
+    import os
+
+    from proxy.traffic import ReporterSlot
+
+    sent = []
+    first_slot = ReporterSlot(tmp_path, 8000)
+    first = TrafficTracker(lambda ep, r: sent.append((ep, r)), debounce_seconds=0.0, slot=first_slot)
+    first.begin("ep", "aaaa")
+    first.begin("ep", "aaaa")
+    first.begin("quiet", "bbbb")
+    first.end("quiet", "bbbb")
+    first.flush()
+    assert {ep: r.instances[0].in_flight for ep, r in sent} == {"ep": 2, "quiet": 0}
+    # While it lives, its slot is taken: another process gets the next one.
+    assert ReporterSlot(tmp_path, 8000).reporter.endswith(":8000:1")
+    os.close(first_slot._fd)  # the process dies: the kernel drops its lock
+    sent.clear()
+    successor = TrafficTracker(lambda ep, r: sent.append((ep, r)), slot=ReporterSlot(tmp_path, 8000))
+    assert successor.reporter == first.reporter
+    healed = successor.heal()
+    assert [ep for ep, _ in healed] == ["ep"] == [ep for ep, _ in sent]
+    report = healed[0][1]
+    assert report.seq > max(r.seq for r in first._last_reports.values())
+    assert [(i.instance_id, i.in_flight) for i in report.instances] == [("aaaa", 0)]
+    # Healed once: a later successor finds nothing left in flight.
+    assert TrafficTracker(lambda ep, r: None, slot=successor.slot).heal() == []
+
+
 def test_held_requests_are_reported():
     t = TrafficTracker(lambda ep, r: None, debounce_seconds=0.1)
     t.hold("ep", +1)

@@ -7,8 +7,10 @@ thread pool; those that talk to Temporal are async.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -206,22 +208,29 @@ class StandbyActivities:
     # ------------------------------------------------------------ instances on this host
     @activity.defn
     def start_instance(self, inp: StartInstanceInput) -> StartInstanceResult:
-        """Provision the instance, record it, and probe its health path until HTTP 200.
+        """Provision the instance, record it, and probe it until it is ready.
 
-        Retried after a worker crash: the heartbeat details carry what the first attempt
-        launched, and a process that still runs is adopted instead of started twice."""
+        Retried after a worker crash: the backend's own record of what the first attempt launched
+        (written before the launch returned, so a crash cannot lose it) is read back, and a
+        process or container that still runs is adopted, probe and all, instead of started twice.
+        """
         from workers.health import expectation, wait_until_ready
 
         info = activity.info()
         launched = None
-        if info.attempt > 1 and info.heartbeat_details:
-            previous = info.heartbeat_details[0]
-            if isinstance(previous, dict) and self.backend.liveness(inp.instance_id).alive:
-                launched = previous
-                append_log(previous.get("log_path", ""), f"worker restarted: adopting running process "
-                                                         f"(pid {previous.get('pid')})")
+        adopted = self.backend.adopt(inp.instance_id) if info.attempt > 1 else None
+        if adopted is not None:
+            launched = {"host": adopted.host, "address": adopted.address, "port": adopted.port, "pid": adopted.pid,
+                        "container_id": adopted.container_id, "workdir": adopted.workdir,
+                        "log_path": adopted.log_path, "started_at": adopted.started_at or time.time()}
+            append_log(adopted.log_path, f"worker restarted (start attempt {info.attempt}): adopting the running "
+                                         f"instance at {adopted.address} (pid {adopted.pid})")
+            self.record_event(EventRecord(inp.endpoint, "instance_adopted",
+                                          f"instance {inp.instance_id} adopted after a worker restart "
+                                          f"(pid {adopted.pid})", inp.instance_id))
         if launched is None:
-            prov = self.provision(ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, list(inp.gpus)))
+            with heartbeating():
+                prov = self.provision(ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, list(inp.gpus)))
             launched = {"host": prov.host, "address": prov.address, "port": prov.port, "pid": prov.pid,
                         "container_id": prov.container_id, "workdir": prov.workdir, "log_path": prov.log_path,
                         "started_at": time.time()}
@@ -388,6 +397,33 @@ class StandbyActivities:
             e.queue_position = None
             e.status_updated_at = datetime.now(timezone.utc)
             session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
+
+
+@contextmanager
+def heartbeating(every_seconds: float = 2.0) -> Iterator[None]:
+    """Heartbeat from a side thread while a step that cannot (copying a source tree, pulling an
+    image, a clone between its own beats) runs, so the activity's short heartbeat timeout (how
+    soon a retry follows a worker crash, workflows/instance.py) never cuts a slow but live step."""
+    import contextvars
+    import threading
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_seconds):
+            try:
+                activity.heartbeat("provisioning")
+            except Exception:  # the activity is finishing or was cancelled: its own thread knows
+                return
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True,
+                              name="provision-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=1.0)
 
 
 class _ProbeProgress:

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
@@ -18,6 +19,7 @@ from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
 
 log = logging.getLogger(__name__)
+STICKY_TIMEOUT_SECONDS = 1.5
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow]
 
 
@@ -38,7 +40,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as pool:
         main = Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS, activities=acts.all(),
                       activity_executor=pool, max_concurrent_activities=64,
-                      workflow_runner=UnsandboxedWorkflowRunner())
+                      workflow_runner=UnsandboxedWorkflowRunner(),
+                      # After a worker crash, its workflows' next tasks wait this long on the dead
+                      # worker's sticky queue before any worker takes them (default 10 s): the
+                      # endpoints' view of their instances converges within seconds of a restart.
+                      sticky_queue_schedule_to_start_timeout=timedelta(seconds=STICKY_TIMEOUT_SECONDS))
         host = Worker(client, task_queue=settings.host_task_queue, activities=acts.host_bound(),
                       activity_executor=pool, max_concurrent_activities=64)
         async with main, host:

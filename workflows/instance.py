@@ -137,7 +137,9 @@ class InstanceWorkflow:
             result_type=StartInstanceResult,
             task_queue=spec.host_task_queue,
             start_to_close_timeout=timedelta(seconds=spec.startup_timeout_seconds + 120),
-            heartbeat_timeout=timedelta(seconds=15),
+            # How soon a start cut by a worker crash is retried (on the restarted worker), which
+            # adopts the process the first attempt started: the activity beats every ~2 s.
+            heartbeat_timeout=timedelta(seconds=6),
             # A retry after a worker crash adopts the process the first attempt started.
             retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=["SourceError"]),
         )

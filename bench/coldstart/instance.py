@@ -1,23 +1,44 @@
-"""Cold-start benchmark instance: answers with its own process start and ready times.
+"""Cold-start benchmark instance: a plain HTTP server that reports when it started, on the clock
+the benchmark shares with it (time.time(), same machine).
 
-`X-Started-At`: when the kernel started this process (from /proc, so interpreter start-up
-counts as the server's own start time); `X-Ready-At`: when it began listening.
+    python bench/coldstart/instance.py PORT
+
+`GET <any path>` answers 200 with JSON (all Unix times, seconds):
+- `process_start`: when the kernel started this process (/proc/self/stat `starttime`, ticks of
+  1/SC_CLK_TCK since boot, put on the wall clock through CLOCK_BOOTTIME, the clock the kernel
+  stamps it with). It is truncated to the tick (10 ms here), so the process started up to one
+  tick later: `process_start_tick` says how long a tick is;
+- `process_start_via_uptime`: the same through /proc/uptime (10 ms granularity), as a check;
+- `first_line`: the script's first statement (interpreter start-up is over);
+- `listening`: the socket listens (the server is ready as far as it knows);
+- `first_request`: the first request it received (the readiness probe of whoever started it);
+- `this_request`: when this request's handler began.
 """
-import os
-import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FIRST_LINE_AT = time.time()  # the first statement: the script began running
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 
-def process_started_at() -> float:
-    with open("/proc/stat") as fh:
-        btime = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
-    with open(f"/proc/{os.getpid()}/stat") as fh:
-        start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-    return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+def process_start() -> dict:
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    with open("/proc/self/stat") as fh:
+        start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the name
+    now, since_boot = time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    return {"process_start": now - since_boot + start_ticks * tick,
+            "process_start_via_uptime": now - uptime + start_ticks * tick,
+            "process_start_tick": tick}
 
 
-STARTED_AT = process_started_at()
+TIMES = {"pid": os.getpid(), "first_line": FIRST_LINE_AT, **process_start()}
+_first_request = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -27,15 +48,17 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        body = b"ok"
+        arrived = time.time()
+        with _first_request:
+            TIMES.setdefault("first_request", arrived)
+        body = json.dumps({**TIMES, "this_request": arrived}).encode()
         self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Started-At", repr(STARTED_AT))
-        self.send_header("X-Ready-At", repr(READY_AT))
         self.end_headers()
         self.wfile.write(body)
 
 
-server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-READY_AT = time.time()
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)  # binds and listens
+TIMES["listening"] = time.time()
 server.serve_forever()

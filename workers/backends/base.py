@@ -38,6 +38,10 @@ class Launched:
     port: int
     pid: int | None = None
     container_id: str = ""
+    # Filled by `adopt`: what the launch recorded, for a retry that takes the instance over.
+    started_at: float = 0.0
+    log_path: str = ""
+    workdir: str = ""
 
 
 @dataclass
@@ -54,6 +58,12 @@ class Backend(Protocol):
         """Start the instance. Idempotent per instance id: anything left of an earlier attempt
         for the same id (a worker crashed mid-provision) is stopped first, so there is never
         more than one process per instance."""
+
+    def adopt(self, instance_id: str) -> Launched | None:
+        """What a launch of this instance left running on this host, from the backend's own
+        durable record (written as the process or container is created, before the launch
+        returns): a retried start after a worker crash takes it over instead of starting a
+        second one. None when nothing of it runs."""
 
     def liveness(self, instance_id: str) -> Liveness:
         """Is the instance's process (or container) still running?"""

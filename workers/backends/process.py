@@ -218,6 +218,17 @@ class ProcessBackend:
             return Launched(host=self.settings.host, address=f"{self.settings.advertise_address}:{host_port}",
                             port=host_port, pid=child.pid)
 
+    def adopt(self, instance_id: str) -> Launched | None:
+        instance_id = check_instance_id(instance_id)
+        state = self._read_state(instance_id)
+        if state is None or state.get("stopped") or not self._leader_alive(state):
+            return None
+        port = int(state["port"])
+        return Launched(host=self.settings.host,
+                        address=state.get("address") or f"{self.settings.advertise_address}:{port}",
+                        port=port, pid=int(state["pid"]), started_at=float(state.get("started_at") or 0.0),
+                        log_path=state.get("log_path", ""), workdir=state.get("workdir", ""))
+
     def liveness(self, instance_id: str) -> Liveness:
         instance_id = check_instance_id(instance_id)
         state = self._read_state(instance_id)
