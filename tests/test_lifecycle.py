@@ -219,6 +219,9 @@ def test_worker_killed_while_provisioning(stack):
 
     running = make_backend(stack.settings).running_instance_ids()
     assert running == [live[0].id]
+    # Adopted, not started again: the command ran once.
+    assert marker.read_text().count("started") == 1, marker.read_text()
+    assert any(ev.kind == "instance_adopted" for ev in stack.events("crashy-worker"))
 
 
 def test_wake_during_drain_keeps_instance_then_idle_release(stack_factory):

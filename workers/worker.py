@@ -13,6 +13,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from common.config import Settings
 from common.db import Database
 from workers.activities import StandbyActivities
+from workers.exit_watch import watch_exits
 from workers.reaper import reap
 from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
@@ -50,7 +51,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         async with main, host:
             log.info("worker on %s and %s (backend %s)", settings.task_queue, settings.host_task_queue,
                      settings.backend)
+            watcher = asyncio.create_task(watch_exits(backend, client, stop))
             await stop.wait()
+            await watcher
     if stop_instances_on_exit and hasattr(backend, "stop_all"):
         # `app.py up` is one machine's whole system: Ctrl-C leaves no instance behind. Their
         # workflows find them gone on the next start and record or replace them.

@@ -27,6 +27,8 @@ SIGNAL_SPEC_CHANGED = "spec_changed"
 UPDATE_WAKE = "wake_until_ready"
 UPDATE_SCALE_OUT = "scale_out"
 QUERY_STATUS = "status"
+# Signal of InstanceWorkflow, sent by the worker whose instance process exited on its own.
+SIGNAL_PROCESS_EXITED = "process_exited"
 
 # ApplicationError types raised by updates: callers map them to their own errors.
 ERR_REPLICA_QUOTA = "ReplicaQuotaExceeded"  # proxy code 1007

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         StartInstanceResult,
         StopInstanceInput,
     )
+    from workflows.contracts import SIGNAL_PROCESS_EXITED
     from workflows.gpu_pool import SIGNAL_GRANTED
 
 SIGNAL_RELEASE = "release"
@@ -98,10 +99,17 @@ class InstanceWorkflow:
         self.gpus: list[int] = list(inp.serving.gpus) if inp.serving else []
         self.address = inp.serving.address if inp.serving else ""
         self._last_notify: asyncio.Future | None = None
+        self._exited = False
 
     @workflow.signal(name=SIGNAL_GRANTED)
     def gpus_granted(self, grant: GpuGrant) -> None:
         self.grant = grant
+
+    @workflow.signal(name=SIGNAL_PROCESS_EXITED)
+    def process_exited(self) -> None:
+        """The worker saw the process exit on its own: check its liveness now, not at the next
+        health interval (workers/exit_watch.py)."""
+        self._exited = True
 
     @workflow.signal(name=SIGNAL_RELEASE)
     def release(self, req: ReleaseRequest | None = None) -> None:
@@ -166,8 +174,9 @@ class InstanceWorkflow:
     async def _serve(self, serving: ServingState) -> str:
         spec = self.inp.spec
         while True:
-            released = await self._wait(lambda: self.release_reason is not None, spec.health_interval_seconds)
-            if released:
+            await self._wait(lambda: self.release_reason is not None or self._exited, spec.health_interval_seconds)
+            self._exited = False
+            if self.release_reason is not None:
                 await self._stop_process()
                 return await self._finish(I_STOPPED, self.release_reason, ready_at=serving.ready_at)
             try:

@@ -258,6 +258,15 @@ class ProcessBackend:
                 running.append(path.stem)
         return running
 
+    def exited_instances(self) -> dict[str, str]:
+        exited = {}
+        for path in self.settings.instances_dir.glob("*.json"):
+            state = _load_json(path)
+            if state and not state.get("stopped") and not self._leader_alive(state):
+                self._poll_child(path.stem)  # reap it, so its exit code is known
+                exited[path.stem] = state.get("endpoint", "")
+        return exited
+
     def stop_all(self, grace_seconds: float) -> None:
         """Worker shutdown: stop every instance at once, so shutdown takes one grace period."""
         with self._guard:

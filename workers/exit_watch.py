@@ -1,0 +1,45 @@
+"""Tell an instance's workflow the moment its process (or container) exits on its own.
+
+Without this, a crashed instance is noticed at its next liveness check (every health interval,
+10 s by default), and the proxy keeps routing requests to a dead address meanwhile. The watcher
+looks at this host's instances twice a second and signals `process_exited` to the workflow of
+each one that exited without Standby stopping it; the workflow checks at once, records the
+death with its exit code and replaces it (workflows/instance.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from temporalio.client import Client
+
+from workers.backends.base import Backend
+from workflows.contracts import SIGNAL_PROCESS_EXITED, instance_workflow_id
+
+log = logging.getLogger(__name__)
+WATCH_SECONDS = 0.5
+
+
+async def watch_exits(backend: Backend, client: Client, stop: asyncio.Event, every: float = WATCH_SECONDS) -> None:
+    told: set[str] = set()
+    while not stop.is_set():
+        try:
+            exited = await asyncio.to_thread(backend.exited_instances)
+        except Exception:  # noqa: BLE001 - a watcher that dies would be worse than a missed look
+            log.exception("looking for exited instances failed")
+            exited = {}
+        for instance_id, endpoint in exited.items():
+            if instance_id in told or not endpoint:
+                continue
+            told.add(instance_id)
+            try:
+                await client.get_workflow_handle(instance_workflow_id(endpoint, instance_id)).signal(
+                    SIGNAL_PROCESS_EXITED)
+                log.warning("instance %s of %s exited on its own: its workflow was told", instance_id, endpoint)
+            except Exception as err:  # noqa: BLE001 - its workflow may have ended already
+                log.info("could not tell instance %s's workflow it exited: %s", instance_id, err)
+        told &= set(exited)  # a relaunch under the same id (a retried start) is watched again
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except asyncio.TimeoutError:
+            pass
