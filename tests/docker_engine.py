@@ -5,8 +5,11 @@ on PATH (`.ci/run` installs docker.io), `docker_client()` starts a private docke
 data, exec state, pidfile, config and trust key all live in one temporary directory, so it never
 touches /var/run/docker.sock, /var/lib/docker or /etc/docker. With no `--containerd` given and
 its own exec root, dockerd supervises a private containerd (state under <tmp>/exec/containerd).
-vfs + no bridge + no iptables keep it working in sandboxes without overlayfs or netfilter; the
-tests only use host networking. On exit everything it made is removed and every process stopped.
+vfs + no default bridge + no iptables keep it working in sandboxes without overlayfs or netfilter,
+and leave the host's firewall and forwarding alone. It can still create bridge networks (the docker
+backend makes one, a `br-<id>` interface with a private subnet in the host's network namespace)
+and publish container ports through its userland proxy (docker-proxy), which needs no iptables.
+On exit everything it made is removed, networks included, and every process stopped.
 """
 from __future__ import annotations
 
@@ -126,13 +129,33 @@ class PrivateDockerd:
                     container.remove(force=True)
                 for image in self.client.images.list(all=True):
                     self.client.images.remove(image.id, force=True)
+            bridges = self._remove_networks()
             self.client.close()
             self.client = None
+        else:
+            bridges = []
         self._stop_daemon()
+        for bridge in bridges:  # one the daemon could not remove (it stopped, or failed)
+            if Path("/sys/class/net", bridge).exists():
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(["ip", "link", "delete", bridge], capture_output=True, timeout=30)
         for pid in self._processes_using_tmp():  # its containerd or a shim that outlived it
             _stop_pid(pid, STOP_TIMEOUT / 2)
         self._unmount_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _remove_networks(self) -> list[str]:
+        """Remove the networks the tests made; return their bridge interface names."""
+        bridges = []
+        with contextlib.suppress(Exception):
+            for network in self.client.networks.list():
+                if network.name in ("bridge", "host", "none"):
+                    continue
+                options = network.attrs.get("Options") or {}
+                bridges.append(options.get("com.docker.network.bridge.name") or f"br-{network.id[:12]}")
+                with contextlib.suppress(Exception):
+                    network.remove()
+        return bridges
 
     def _stop_daemon(self) -> None:
         if self.process is None:

@@ -1,14 +1,23 @@
 """Instances as Docker containers on this host's engine.
 
-Containers use host networking: many instances share one host, so each server listens on a
-port Standby allocates and passes as PORT (and substitutes for `{port}` / `$PORT` in the
-command), exactly as the process backend does. Labels, not names, identify an instance's
-container, so a restarted worker finds what it started before.
+Each container joins a bridge network (its own network namespace): the server listens on the
+port the user declared (PORT, and `{port}` / `$PORT` in the command, are that port), and Docker
+publishes it on a free host port bound to STANDBY_INSTANCE_BIND. The proxy and the health probes
+reach the instance at STANDBY_ADVERTISE_ADDRESS:<published port>, so several instances of one
+fixed-port image share a host. On an engine without bridge networking, containers use the
+host's network instead (docker_network.py): a command with `$PORT` gets a port Standby
+allocates, and a fixed-port server runs once per port on the host.
+
+Labels, not names, identify an instance's container, so a restarted worker finds what it
+started before.
 """
 from __future__ import annotations
 
+import errno
 import math
+import re
 import shlex
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,28 +28,49 @@ from docker.types import DeviceRequest
 
 from common.config import Settings
 from workers.backends.base import LaunchSpec, Launched, Liveness
+from workers.backends.docker_network import (HOST, Networking, detect_networking, explain_api_error as _explain,
+                                             join_host_port, resolve_bind)
 from workers.backends.process import PortAllocator, substitute_port
 from workers.workdir import check_instance_id
 
 LABEL_INSTANCE = "standby.instance"
 LABEL_ENDPOINT = "standby.endpoint"
+# The port the server listens on: inside its container, or on the host with host networking.
 LABEL_PORT = "standby.port"
 # Two Standby installations may share one engine: each only touches its own containers.
 LABEL_DATA_DIR = "standby.data_dir"
 WORKSPACE = "/workspace"
+# How the engine says a storage size limit is impossible with its storage driver (overlay2 off
+# xfs+pquota, vfs off xfs/quota-enabled filesystems, ...).
+_STORAGE_OPT_REFUSED = re.compile(r"quota|storage.?opt|not supported", re.IGNORECASE)
+# A host port Docker picked was taken between its choice and the bind: choosing again fixes it.
+_PORT_CLASH = re.compile(r"address already in use|port is already allocated", re.IGNORECASE)
+_PUBLISH_ATTEMPTS = 3
+# The engine refuses a smaller memory limit ("Minimum memory limit allowed is 6MB").
+_MIN_MEMORY_MB = 6
 
 
 class DockerBackend:
     name = "docker"
 
-    def __init__(self, settings: Settings, client: docker.DockerClient | None = None):
+    def __init__(self, settings: Settings, client: docker.DockerClient | None = None,
+                 network: str | None = None):
+        """`network`: None finds the best the engine offers (docker_network.py); a network name
+        uses that network; "host" uses host networking."""
         self.settings = settings
         # from_env does not connect yet: a worker without an engine fails on first use,
         # with the engine's own error, not at import time.
         self.client = client or docker.from_env()
         self._guard = threading.Lock()
         self._instance_locks: dict[str, threading.Lock] = {}
+        self._forced_network = network
+        self._networking: Networking | None = None
+        # With host networking, "is this host port free?" and starting the container that takes
+        # it must not interleave between two launches.
+        self._host_ports_guard = threading.Lock()
         self._ports = PortAllocator()
+        # None until the first launch that asks for a size limit; then the engine's answer.
+        self._storage_size_refused: str | None = None
         self._log_threads: dict[str, threading.Thread] = {}
 
     # -- the Backend protocol -------------------------------------------------------------
@@ -49,49 +79,19 @@ class DockerBackend:
         instance_id = check_instance_id(spec.instance_id)
         if not spec.image:
             raise ValueError("image is empty: the docker backend needs a container image to run")
+        if not isinstance(spec.port, int) or not 1 <= spec.port <= 65535:
+            raise ValueError(f"port must be the port the server listens on (1-65535), got {spec.port!r}")
         workdir = Path(spec.workdir)
         if not workdir.is_dir():
             raise ValueError(f"workdir {str(workdir)!r} does not exist; prepare it before launching")
         self._ensure_image(spec.image)
+        networking = self.networking()
         with self._lock_for(instance_id):
             self._remove_containers(instance_id, self.settings.stop_grace_seconds)
-            port = self._ports.allocate(self._ports_in_use())
-            env = {str(k): str(v) for k, v in (spec.env or {}).items()}
-            env.update(PORT=str(port), STANDBY_INSTANCE_ID=instance_id)
-            command = None
-            if spec.start_command and spec.start_command.strip():
-                # Exec form: images without a shell (distroless) work; wrap in `sh -c '...'`
-                # yourself when you need shell features.
-                command = shlex.split(substitute_port(spec.start_command, port))
-            device_requests = None
-            if spec.gpus:
-                device_requests = [DeviceRequest(device_ids=[str(i) for i in spec.gpus],
-                                                 capabilities=[["gpu"]])]
-            container = self.client.containers.run(
-                spec.image,
-                command=command,
-                detach=True,
-                network_mode="host",
-                environment=env,
-                labels={
-                    LABEL_INSTANCE: instance_id,
-                    LABEL_ENDPOINT: spec.endpoint_name,
-                    LABEL_PORT: str(port),
-                    LABEL_DATA_DIR: str(self.settings.data_dir),
-                },
-                volumes={str(workdir.resolve()): {"bind": WORKSPACE, "mode": "rw"}},
-                working_dir=WORKSPACE,
-                device_requests=device_requests,
-                nano_cpus=int(spec.cpu_cores * 1e9) if spec.cpu_cores else None,
-                mem_limit=f"{max(4, int(spec.memory_gb * 1024))}m" if spec.memory_gb else None,
-            )
-            self._follow_logs(instance_id, container, Path(spec.log_path),
-                              f"[standby] starting instance {instance_id} from image {spec.image} "
-                              f"on port {port}: container {container.short_id}\n")
-            container.reload()
-            pid = container.attrs.get("State", {}).get("Pid") or None
-            return Launched(host=self.settings.host, address=f"127.0.0.1:{port}", port=port,
-                            pid=pid, container_id=container.id)
+            if networking.publishes_ports:
+                return self._launch_published(spec, instance_id, networking)
+            with self._host_ports_guard:
+                return self._launch_on_host(spec, instance_id, networking)
 
     def liveness(self, instance_id: str) -> Liveness:
         containers = self._containers(check_instance_id(instance_id))
@@ -105,6 +105,9 @@ class DockerBackend:
         detail = f"container {container.short_id} {container.status}, exit code {exit_code}"
         if state.get("OOMKilled"):
             detail += " (killed: out of memory; raise memory_gb)"
+        elif exit_code == 137:
+            # The engine misses an out-of-memory kill that comes within milliseconds of the start.
+            detail += " (SIGKILL: out of memory, if nothing else killed it; raise memory_gb)"
         if state.get("Error"):
             detail += f": {state['Error']}"
         return Liveness(False, exit_code, detail)
@@ -125,6 +128,133 @@ class DockerBackend:
             with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
                 list(pool.map(lambda i: self.stop(i, grace_seconds), ids))
 
+    def networking(self) -> Networking:
+        """What instance containers join on this engine: found on first use, then kept."""
+        with self._guard:
+            if self._networking is None:
+                self._networking = detect_networking(self.client, self._forced_network)
+            return self._networking
+
+    # -- the two ways to start ------------------------------------------------------------
+
+    def _launch_published(self, spec: LaunchSpec, instance_id: str, networking: Networking) -> Launched:
+        # Its own network namespace: the declared port is free inside whatever else runs here.
+        port = spec.port
+        bind = resolve_bind(self.settings.instance_bind)
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            try:
+                # Host port None: Docker picks a free one and binds it in the same step, so two
+                # launches can never be handed the same port.
+                container, notes = self._run(spec, instance_id, port, networking,
+                                             ports={f"{port}/tcp": (bind, None)})
+                break
+            except APIError as exc:
+                explanation = _explain(exc)
+                if _PORT_CLASH.search(explanation) and attempt < _PUBLISH_ATTEMPTS:
+                    continue
+                if "cannot assign requested address" in explanation:
+                    raise ValueError(
+                        f"Docker could not publish port {port} on {bind} (STANDBY_INSTANCE_BIND="
+                        f"{self.settings.instance_bind}): that is not an address of host {self.settings.host}. "
+                        f"Use 127.0.0.1 when the proxy runs on this host's network, or the docker0 bridge "
+                        f"address (host.docker.internal with extra_hosts host-gateway) when it runs in a "
+                        f"container ({explanation})") from exc
+                if isinstance(exc, NotFound) and "network" in explanation:
+                    with self._guard:  # removed since it was found: the next attempt finds another
+                        self._networking = None
+                raise
+        host_port = _published_port(container, port)
+        address = join_host_port(self.settings.advertise_address, host_port)
+        where = (f"published at {bind}:{host_port}, reached at {address}" if host_port else
+                 "not published: the container stopped before Docker published its port")
+        self._follow_logs(instance_id, container, Path(spec.log_path), [
+            f"networking on this engine: {networking.description}", *notes,
+            f"starting instance {instance_id} from image {spec.image}: container {container.short_id}, "
+            f"listening on port {port} inside, {where}"])
+        return Launched(host=self.settings.host, address=address, port=host_port,
+                        pid=_pid(container), container_id=container.id)
+
+    def _launch_on_host(self, spec: LaunchSpec, instance_id: str, networking: Networking) -> Launched:
+        if _uses_port_placeholder(spec.start_command):
+            port = self._ports.allocate(self._host_ports_in_use())
+        else:
+            # The image's own command, or one with a fixed port: it listens on the declared port.
+            port = spec.port
+            self._check_host_port_free(port, instance_id, networking)
+        container, notes = self._run(spec, instance_id, port, networking, ports=None)
+        container.reload()
+        address = join_host_port(self.settings.advertise_address, port)
+        self._follow_logs(instance_id, container, Path(spec.log_path), [
+            f"networking on this engine: {networking.description}", *notes,
+            f"starting instance {instance_id} from image {spec.image}: container {container.short_id}, "
+            f"on the host's network, port {port}, reached at {address}"])
+        return Launched(host=self.settings.host, address=address, port=port,
+                        pid=_pid(container), container_id=container.id)
+
+    def _check_host_port_free(self, port: int, instance_id: str, networking: Networking) -> None:
+        change = (f"Put $PORT in the start command so Standby passes each instance a free port, or give "
+                  f"the engine a bridge network (dockerd without --bridge=none) so each container listens "
+                  f"on port {port} in its own network namespace. This engine: {networking.description}")
+        holders = sorted(c.labels.get(LABEL_INSTANCE, "?") for c in self._host_network_containers()
+                         if c.labels.get(LABEL_PORT) == str(port))
+        if holders:
+            raise ValueError(f"port {port} on host {self.settings.host} is taken by instance {holders[0]}: with "
+                             f"host networking a fixed-port server runs once per port. {change}")
+        if not _free_on_loopback(port):
+            raise ValueError(f"port {port} on host {self.settings.host} is in use by another program, so "
+                             f"instance {instance_id} could not listen on it. {change}")
+
+    def _run(self, spec: LaunchSpec, instance_id: str, port: int, networking: Networking, ports):
+        """Create and start the container; return it and the log lines worth adding."""
+        env = {str(k): str(v) for k, v in (spec.env or {}).items()}
+        env.update(PORT=str(port), STANDBY_INSTANCE_ID=instance_id)
+        command = None
+        if spec.start_command and spec.start_command.strip():
+            # Exec form: images without a shell (distroless) work; wrap in `sh -c '...'`
+            # yourself when you need shell features.
+            command = shlex.split(substitute_port(spec.start_command, port))
+        device_requests = None
+        if spec.gpus:
+            device_requests = [DeviceRequest(device_ids=[str(i) for i in spec.gpus], capabilities=[["gpu"]])]
+        network = {"network_mode": HOST} if networking.network == HOST else {"network": networking.network,
+                                                                             "ports": ports}
+        options = dict(
+            command=command,
+            detach=True,
+            environment=env,
+            labels={
+                LABEL_INSTANCE: instance_id,
+                LABEL_ENDPOINT: spec.endpoint_name,
+                LABEL_PORT: str(port),
+                LABEL_DATA_DIR: str(self.settings.data_dir),
+            },
+            volumes={str(Path(spec.workdir).resolve()): {"bind": WORKSPACE, "mode": "rw"}},
+            working_dir=WORKSPACE,
+            device_requests=device_requests,
+            nano_cpus=int(spec.cpu_cores * 1e9) if spec.cpu_cores else None,
+            mem_limit=f"{max(_MIN_MEMORY_MB, int(spec.memory_gb * 1024))}m" if spec.memory_gb else None,
+            **network,
+        )
+        notes: list[str] = []
+        try:
+            if spec.disk_gb and self._storage_size_refused is None:
+                try:
+                    return self.client.containers.run(
+                        spec.image, storage_opt={"size": f"{spec.disk_gb}G"}, **options), notes
+                except APIError as exc:
+                    if not _STORAGE_OPT_REFUSED.search(_explain(exc)):
+                        raise
+                    self._storage_size_refused = _explain(exc)
+                    self._remove_containers(instance_id, 0)
+            if spec.disk_gb:
+                notes.append(f"disk_gb={spec.disk_gb} is not enforced: storage driver {self._storage_driver()} "
+                             f"cannot limit a container's size here ({self._storage_size_refused})")
+            return self.client.containers.run(spec.image, **options), notes
+        except Exception:
+            # A container created but not started (port or device errors) must not linger.
+            self._remove_containers(instance_id, 0)
+            raise
+
     # -- internals ------------------------------------------------------------------------
 
     def _lock_for(self, instance_id: str) -> threading.Lock:
@@ -144,13 +274,24 @@ class DockerBackend:
                              f"not be pulled: check the name and tag, or load it there first "
                              f"({getattr(exc, 'explanation', None) or exc})") from exc
 
+    def _storage_driver(self) -> str:
+        try:
+            return str(self.client.info().get("Driver") or "?")
+        except APIError:
+            return "?"
+
     def _containers(self, instance_id: str) -> list:
         return self.client.containers.list(all=True, filters={"label": [
             f"{LABEL_INSTANCE}={instance_id}", f"{LABEL_DATA_DIR}={self.settings.data_dir}"]})
 
-    def _ports_in_use(self) -> set[int]:
+    def _host_network_containers(self) -> list:
+        # Every Standby installation on this engine: they all share the host's ports.
         containers = self.client.containers.list(filters={"label": [LABEL_PORT]})
-        return {int(c.labels[LABEL_PORT]) for c in containers if c.labels.get(LABEL_PORT, "").isdigit()}
+        return [c for c in containers if c.attrs.get("HostConfig", {}).get("NetworkMode") == HOST]
+
+    def _host_ports_in_use(self) -> set[int]:
+        return {int(c.labels[LABEL_PORT]) for c in self._host_network_containers()
+                if c.labels.get(LABEL_PORT, "").isdigit()}
 
     def _remove_containers(self, instance_id: str, grace_seconds: float) -> None:
         for container in self._containers(instance_id):
@@ -168,10 +309,10 @@ class DockerBackend:
         if thread is not None:
             thread.join(timeout=2.0)
 
-    def _follow_logs(self, instance_id: str, container, log_path: Path, header: str) -> None:
+    def _follow_logs(self, instance_id: str, container, log_path: Path, header: list[str]) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            log.write(header)
+            log.writelines(f"[standby] {line}\n" for line in header)
 
         def copy() -> None:
             try:
@@ -185,3 +326,36 @@ class DockerBackend:
         thread = threading.Thread(target=copy, name=f"logs-{instance_id}", daemon=True)
         thread.start()
         self._log_threads[instance_id] = thread
+
+
+def _published_port(container, port: int) -> int:
+    """The host port Docker chose, read back from the engine; 0 when the container already
+    stopped (the engine forgets its bindings then, and its liveness says why)."""
+    container.reload()
+    bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    for binding in bindings.get(f"{port}/tcp") or []:
+        if str(binding.get("HostPort", "")).isdigit():
+            return int(binding["HostPort"])
+    return 0
+
+
+def _pid(container) -> int | None:
+    return container.attrs.get("State", {}).get("Pid") or None
+
+
+def _uses_port_placeholder(command: str) -> bool:
+    return bool(command) and substitute_port(command, 1) != command
+
+
+def _free_on_loopback(port: int) -> bool:
+    """Nothing listens on the port (on 127.0.0.1 or every address): a bind that is never listened on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Connections of an earlier server in TIME_WAIT do not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
