@@ -117,14 +117,8 @@ class Settings:
 
 
 def _default_instance_bind(advertise: str) -> str:
-    """Publish instance ports on the advertised address when it is a local IP; behind a name
-    (e.g. host.docker.internal) it may not be one, so publish on every interface."""
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(advertise)
-    except ValueError:
-        return "0.0.0.0"
+    """Publish instance ports on the advertised address itself (a name is resolved by the
+    backends): reachable where the proxy looks, and on no other interface."""
     return advertise
 
 

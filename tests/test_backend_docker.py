@@ -165,6 +165,12 @@ def test_two_instances_of_a_fixed_port_image_share_the_host(client, settings, ba
     restarted = DockerBackend(settings, client=client)
     assert restarted.running_instance_ids() == ["fp1", "fp2"]
     assert all(restarted.liveness(i).alive for i in ("fp1", "fp2"))
+    # A retried start takes each over, at the address it was launched with (workers/activities.py).
+    for spec, instance in zip(specs, launched):
+        adopted = restarted.adopt(spec.instance_id)
+        assert (adopted.address, adopted.container_id) == (instance.address, instance.container_id)
+        assert adopted.started_at > 0 and adopted.log_path == spec.log_path
+    assert restarted.exited_instances() == {}
     for spec, instance in zip(specs, launched):
         restarted.stop(spec.instance_id, 1.0)
         assert not restarted.liveness(spec.instance_id).alive
@@ -173,6 +179,7 @@ def test_two_instances_of_a_fixed_port_image_share_the_host(client, settings, ba
         assert not answers(instance.address)  # the published port went with it
     assert restarted.running_instance_ids() == [] == backend.running_instance_ids()
     restarted.stop("fp1", 1.0)  # idempotent
+    assert restarted.adopt("fp1") is None
 
 
 def test_port_placeholder_is_the_declared_port_inside(client, tmp_path):
@@ -233,6 +240,10 @@ def test_out_of_memory_is_reported(settings, backend, tmp_path):
     liveness = backend.liveness("oom1")
     assert not liveness.alive and liveness.exit_code == 137, liveness.detail
     assert "(killed: out of memory; raise memory_gb)" in liveness.detail
+    # Exited on its own (not stopped by Standby): the worker's exit watcher tells its workflow.
+    assert backend.exited_instances() == {"oom1": "ep"}
+    backend.stop("oom1", 0)
+    assert backend.exited_instances() == {}
 
 
 def test_relaunch_replaces_the_container(client, settings, backend, tmp_path):

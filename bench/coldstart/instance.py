@@ -1,7 +1,9 @@
 """Cold-start benchmark instance: a plain HTTP server that reports when it started, on the clock
 the benchmark shares with it (time.time(), same machine).
 
-    python bench/coldstart/instance.py PORT
+    python bench/coldstart/instance.py PORT [DELAY]
+
+DELAY (seconds, default 0) is slept before binding, in place of loading a model.
 
 `GET <any path>` answers 200 with JSON (all Unix times, seconds):
 - `process_start`: when the kernel started this process (/proc/self/stat `starttime`, ticks of
@@ -59,6 +61,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
 server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)  # binds and listens
 TIMES["listening"] = time.time()
 server.serve_forever()

@@ -1,7 +1,7 @@
 """Cold-start overhead (issue 7): first response from a `standby` endpoint minus the instance
 server's own start-to-ready time, for first and later wakes, fixed port and `$PORT`.
 
-    .venv/bin/python bench/coldstart/run.py [--runs 10] [--idle-retention 2]
+    .venv/bin/python bench/coldstart/run.py [--runs 10] [--idle-retention 2] [--server-delay 0]
 
 Runs `app.py up` as a user does (tests/user_world.py's UpProcess: its own Temporal dev server,
 worker, web app and proxy, all at their defaults, on free ports with a data directory of its
@@ -30,7 +30,9 @@ that.
    alternating). Both answer within the idle retention of the first, so no release runs while a
    wake is measured; a pair where that did not hold is counted.
 
-Everything else (API and history look-ups) happens after the wakes. Target (issue 3): <= 150 ms.
+Everything else (API and history look-ups) happens after the wakes. `--server-delay 5
+--idle-retention 8` makes the server sleep 5 s before it listens, like one that loads a model:
+what readiness detection costs such a server. Target (issue 3): <= 150 ms of overhead.
 """
 from __future__ import annotations
 
@@ -56,10 +58,7 @@ from tests.user_world import UpProcess  # noqa: E402
 from workflows.contracts import endpoint_workflow_id, instance_workflow_id  # noqa: E402
 
 INSTANCE = ROOT / "bench" / "coldstart" / "instance.py"
-VARIANTS = {
-    "fixed": {"start_command": f"python {shlex.quote(str(INSTANCE))} 8080", "port": 8080},
-    "$PORT": {"start_command": f"python {shlex.quote(str(INSTANCE))} $PORT"},
-}
+VARIANTS = ("fixed", "$PORT")
 # Before each measured wake, the system is left alone this long: the proxy's routing view
 # (refreshed every second, STANDBY_PROXY_REFRESH_SECONDS) has seen the endpoint in standby, so the
 # wake takes the ordinary cold-start path, and the tail of the previous start or release
@@ -117,7 +116,7 @@ TIMELINE = [
     ("  process started", "launched", "process_start", "relay, unshare; < 0: exec before Popen returns"),
     ("instance spawned -> server listening", "process_start", "listening", "the server's own start-to-ready"),
     ("  first line", "process_start", "first_line", "interpreter start-up"),
-    ("  listening", "first_line", "listening", "imports, bind"),
+    ("  listening", "first_line", "listening", "imports, bind (and --server-delay)"),
     ("server listening -> ready seen by worker", "listening", "ready_seen", ""),
     ("  first probe reached the server", "listening", "first_request", "relay's listen check, probe interval"),
     ("  worker saw it ready", "first_request", "ready_seen", ""),
@@ -134,7 +133,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="cold starts per variant and kind (default 10)")
     parser.add_argument("--idle-retention", type=int, default=2,
                         help="idle retention of the later-wake endpoints, seconds (default 2)")
+    parser.add_argument("--server-delay", type=float, default=0.0,
+                        help="the instance sleeps this long before it listens, as if it loaded a model "
+                             "(default 0); needs an --idle-retention at least 2 s longer")
     args = parser.parse_args()
+    if args.idle_retention < args.server_delay + 2:
+        parser.error("--idle-retention must be at least --server-delay + 2 s: both wakes of a pair must "
+                     "answer within the idle retention of the first")
+    specs = variant_specs(args.server_delay)
     began = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="standby-bench-coldstart-"))
     venv_bin = str(Path(sys.executable).parent)
@@ -142,7 +148,7 @@ def main() -> None:
     try:
         up.start(timeout=120)
         print(f"app.py up is up in {time.monotonic() - began:.1f} s", flush=True)
-        samples = first_wakes(up, args.runs) + later_wakes(up, args.runs, args.idle_retention)
+        samples = first_wakes(up, specs, args.runs) + later_wakes(up, specs, args.runs, args.idle_retention)
         add_stamps(up, samples)
     finally:
         try:
@@ -156,9 +162,19 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- the two kinds of wake
-def first_wakes(up: UpProcess, runs: int) -> list[ColdStart]:
+def variant_specs(server_delay: float) -> dict[str, dict]:
+    """Endpoint specs as users write them (README "Your first endpoint in one minute")."""
+    delay = f" {server_delay:g}" if server_delay else ""
+    script = shlex.quote(str(INSTANCE))
+    return {
+        "fixed": {"start_command": f"python {script} 8080{delay}", "port": 8080},
+        "$PORT": {"start_command": f"python {script} $PORT{delay}"},
+    }
+
+
+def first_wakes(up: UpProcess, specs: dict[str, dict], runs: int) -> list[ColdStart]:
     names = {variant: [f"first-{slug(variant)}-{i}" for i in range(runs)] for variant in VARIANTS}
-    for variant, spec in VARIANTS.items():
+    for variant, spec in specs.items():
         for name in names[variant]:
             up.create({"name": name, **spec, "idle_retention_seconds": LONG_RETENTION_SECONDS})
     for variant_names in names.values():
@@ -177,9 +193,9 @@ def first_wakes(up: UpProcess, runs: int) -> list[ColdStart]:
     return samples
 
 
-def later_wakes(up: UpProcess, runs: int, idle_retention: int) -> list[ColdStart]:
+def later_wakes(up: UpProcess, specs: dict[str, dict], runs: int, idle_retention: int) -> list[ColdStart]:
     names = {variant: f"later-{slug(variant)}" for variant in VARIANTS}
-    for variant, spec in VARIANTS.items():
+    for variant, spec in specs.items():
         up.create({"name": names[variant], **spec, "idle_retention_seconds": idle_retention})
     samples = []
     order = list(VARIANTS)
@@ -269,8 +285,9 @@ def report(samples: list[ColdStart], args: argparse.Namespace) -> None:
     columns = [(variant, kind) for kind in ("first", "later") for variant in VARIANTS]
     groups = {col: [s for s in samples if (s.variant, s.kind) == col] for col in columns}
     head = "".join(f"{variant + ' ' + kind:>13}" for variant, kind in columns)
+    delay = f"; the server sleeps {args.server_delay:g} s before it listens" if args.server_delay else ""
     print(f"\ncold starts through the proxy: medians in ms, {args.runs} per column "
-          f"(later wakes: idle retention {args.idle_retention} s)")
+          f"(later wakes: idle retention {args.idle_retention} s{delay})")
     print(f"{'':42}{head}")
     for label, start, end, note in TIMELINE:
         cells = ""

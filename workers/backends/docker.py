@@ -19,6 +19,7 @@ import re
 import shlex
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from docker.errors import APIError, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from common.config import Settings
-from workers.backends.base import LaunchSpec, Launched, Liveness
+from workers.backends.base import LaunchRefused, LaunchSpec, Launched, Liveness
 from workers.backends.docker_network import (HOST, Networking, detect_networking, explain_api_error as _explain,
                                              join_host_port, resolve_bind)
-from workers.backends.process import PortAllocator, substitute_port
-from workers.workdir import check_instance_id
+from workers.backends.process import PortAllocator
+from workers.ports import substitute_port, uses_port_placeholder
+from workers.workdir import check_instance_id, log_path_for, workdir_for
 
 LABEL_INSTANCE = "standby.instance"
 LABEL_ENDPOINT = "standby.endpoint"
@@ -78,9 +80,9 @@ class DockerBackend:
     def launch(self, spec: LaunchSpec) -> Launched:
         instance_id = check_instance_id(spec.instance_id)
         if not spec.image:
-            raise ValueError("image is empty: the docker backend needs a container image to run")
+            raise LaunchRefused("image is empty: the docker backend needs a container image to run")
         if not isinstance(spec.port, int) or not 1 <= spec.port <= 65535:
-            raise ValueError(f"port must be the port the server listens on (1-65535), got {spec.port!r}")
+            raise LaunchRefused(f"port must be the port the server listens on (1-65535), got {spec.port!r}")
         workdir = Path(spec.workdir)
         if not workdir.is_dir():
             raise ValueError(f"workdir {str(workdir)!r} does not exist; prepare it before launching")
@@ -116,6 +118,32 @@ class DockerBackend:
         instance_id = check_instance_id(instance_id)
         with self._lock_for(instance_id):
             self._remove_containers(instance_id, grace_seconds)
+
+    def adopt(self, instance_id: str) -> Launched | None:
+        """The instance's running container, found by its labels (the engine is the durable
+        record); its log is followed again from now on."""
+        instance_id = check_instance_id(instance_id)
+        running = [c for c in self._containers(instance_id) if c.status == "running"]
+        if not running:
+            return None
+        container = running[0]
+        inner = int(container.labels.get(LABEL_PORT, "0") or 0)
+        host_port = _published_port(container, inner) or inner
+        log_path = log_path_for(self.settings, instance_id)
+        if instance_id not in self._log_threads:
+            self._follow_logs(instance_id, container, log_path, [
+                f"worker restarted: following container {container.short_id} again"], since_now=True)
+        return Launched(host=self.settings.host, address=join_host_port(self.settings.advertise_address, host_port),
+                        port=host_port, pid=_pid(container), container_id=container.id,
+                        started_at=_started_at(container), log_path=str(log_path),
+                        workdir=str(workdir_for(self.settings, instance_id)))
+
+    def exited_instances(self) -> dict[str, str]:
+        # Stopping removes a container, so one that is still here but exited stopped on its own.
+        containers = self.client.containers.list(all=True, filters={
+            "label": [f"{LABEL_DATA_DIR}={self.settings.data_dir}"], "status": "exited"})
+        return {c.labels[LABEL_INSTANCE]: c.labels.get(LABEL_ENDPOINT, "")
+                for c in containers if LABEL_INSTANCE in c.labels}
 
     def running_instance_ids(self) -> list[str]:
         containers = self.client.containers.list(filters={
@@ -153,7 +181,7 @@ class DockerBackend:
                 if _PORT_CLASH.search(explanation) and attempt < _PUBLISH_ATTEMPTS:
                     continue
                 if "cannot assign requested address" in explanation:
-                    raise ValueError(
+                    raise LaunchRefused(
                         f"Docker could not publish port {port} on {bind} (STANDBY_INSTANCE_BIND="
                         f"{self.settings.instance_bind}): that is not an address of host {self.settings.host}. "
                         f"Use 127.0.0.1 when the proxy runs on this host's network, or the docker0 bridge "
@@ -198,10 +226,10 @@ class DockerBackend:
         holders = sorted(c.labels.get(LABEL_INSTANCE, "?") for c in self._host_network_containers()
                          if c.labels.get(LABEL_PORT) == str(port))
         if holders:
-            raise ValueError(f"port {port} on host {self.settings.host} is taken by instance {holders[0]}: with "
+            raise LaunchRefused(f"port {port} on host {self.settings.host} is taken by instance {holders[0]}: with "
                              f"host networking a fixed-port server runs once per port. {change}")
         if not _free_on_loopback(port):
-            raise ValueError(f"port {port} on host {self.settings.host} is in use by another program, so "
+            raise LaunchRefused(f"port {port} on host {self.settings.host} is in use by another program, so "
                              f"instance {instance_id} could not listen on it. {change}")
 
     def _run(self, spec: LaunchSpec, instance_id: str, port: int, networking: Networking, ports):
@@ -270,7 +298,7 @@ class DockerBackend:
         try:
             self.client.images.pull(image)
         except (ImageNotFound, APIError) as exc:
-            raise ValueError(f"image {image!r} was not found on host {self.settings.host} and could "
+            raise LaunchRefused(f"image {image!r} was not found on host {self.settings.host} and could "
                              f"not be pulled: check the name and tag, or load it there first "
                              f"({getattr(exc, 'explanation', None) or exc})") from exc
 
@@ -309,15 +337,17 @@ class DockerBackend:
         if thread is not None:
             thread.join(timeout=2.0)
 
-    def _follow_logs(self, instance_id: str, container, log_path: Path, header: list[str]) -> None:
+    def _follow_logs(self, instance_id: str, container, log_path: Path, header: list[str],
+                     since_now: bool = False) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
             log.writelines(f"[standby] {line}\n" for line in header)
+        since = {"since": int(time.time())} if since_now else {}
 
         def copy() -> None:
             try:
                 with open(log_path, "ab") as log:
-                    for chunk in container.logs(stream=True, follow=True):
+                    for chunk in container.logs(stream=True, follow=True, **since):
                         log.write(chunk)
                         log.flush()
             except (NotFound, APIError, OSError):
@@ -344,7 +374,20 @@ def _pid(container) -> int | None:
 
 
 def _uses_port_placeholder(command: str) -> bool:
-    return bool(command) and substitute_port(command, 1) != command
+    return uses_port_placeholder(command)
+
+
+def _started_at(container) -> float:
+    from datetime import datetime
+
+    raw = (container.attrs.get("State") or {}).get("StartedAt", "")
+    try:
+        # The engine writes nanoseconds: fromisoformat takes at most microseconds.
+        head, _, rest = raw.partition(".")
+        fraction = "".join(ch for ch in rest if ch.isdigit())[:6]
+        return datetime.fromisoformat(f"{head}.{fraction or '0'}+00:00").timestamp()
+    except ValueError:
+        return time.time()
 
 
 def _free_on_loopback(port: int) -> bool:
