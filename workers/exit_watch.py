@@ -43,3 +43,29 @@ async def watch_exits(backend: Backend, client: Client, stop: asyncio.Event, eve
             await asyncio.wait_for(stop.wait(), every)
         except asyncio.TimeoutError:
             pass
+
+
+async def unstick(client: Client, namespace: str, running: dict[str, str]) -> int:
+    """A worker that starts while instances of its host still run took over from one that died.
+    The workflows of those instances (and of their endpoints) had their next tasks bound to the
+    dead worker's sticky queue, where each would wait out the sticky timeout before any worker
+    took it, one after the other along a chain (an endpoint's release, then its instance's stop).
+    Resetting their stickiness sends their next tasks to the shared queue at once."""
+    from temporalio.api.common.v1 import WorkflowExecution
+    from temporalio.api.workflowservice.v1 import ResetStickyTaskQueueRequest
+
+    from workflows.contracts import endpoint_workflow_id
+
+    ids = set()
+    for instance_id, endpoint in running.items():
+        if endpoint:
+            ids.update((endpoint_workflow_id(endpoint), instance_workflow_id(endpoint, instance_id)))
+    done = 0
+    for workflow_id in sorted(ids):
+        try:
+            await client.workflow_service.reset_sticky_task_queue(ResetStickyTaskQueueRequest(
+                namespace=namespace, execution=WorkflowExecution(workflow_id=workflow_id)))
+            done += 1
+        except Exception as err:  # noqa: BLE001 - closed or unknown: nothing to unstick
+            log.debug("reset sticky queue of %s: %s", workflow_id, err)
+    return done

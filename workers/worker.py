@@ -13,14 +13,14 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from common.config import Settings
 from common.db import Database
 from workers.activities import StandbyActivities
-from workers.exit_watch import watch_exits
+from workers.exit_watch import unstick, watch_exits
 from workers.reaper import reap
 from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
 
 log = logging.getLogger(__name__)
-STICKY_TIMEOUT_SECONDS = 1.5
+STICKY_TIMEOUT_SECONDS = 1.0
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow]
 
 
@@ -36,6 +36,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     db = Database(settings.database_url)
     backend = make_backend(settings)
     reap(settings, db, backend)
+    survivors = backend.running_endpoints()
+    if survivors:
+        unstuck = await unstick(client, settings.temporal_namespace, survivors)
+        log.info("took over %d running instance(s); %d workflow(s) unstuck from the previous worker",
+                 len(survivors), unstuck)
     acts = StandbyActivities(settings, db, backend, client)
     stop = stop or asyncio.Event()
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as pool:

@@ -102,8 +102,8 @@ class ColdStart:
         return self.total - self.own
 
 
-# The timeline of one cold start: each row is the median of (its stamp - the stamp above it);
-# rows without indent are the phases, indented rows the steps inside the phase above them.
+# The timeline of one cold start: (label, from stamp, to stamp, what happens); each row prints the
+# median of (to - from). Rows without indent are the phases, indented rows the steps inside them.
 TIMELINE = [
     ("wake call -> instance spawned", "sent", "process_start", ""),
     ("  endpoint workflow task scheduled", "sent", "ep_task_scheduled", "proxy, update call"),

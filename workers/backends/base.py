@@ -74,6 +74,9 @@ class Backend(Protocol):
     def running_instance_ids(self) -> list[str]:
         """Instances this host is running now, for reaping after a worker crash."""
 
+    def running_endpoints(self) -> dict[str, str]:
+        """Instances running on this host now, as {instance id: endpoint name}."""
+
     def exited_instances(self) -> dict[str, str]:
         """Instances that exited without Standby stopping them, as {instance id: endpoint name}
         (the worker's exit watcher tells their workflows at once, workers/exit_watch.py)."""

@@ -138,6 +138,12 @@ class DockerBackend:
                         started_at=_started_at(container), log_path=str(log_path),
                         workdir=str(workdir_for(self.settings, instance_id)))
 
+    def running_endpoints(self) -> dict[str, str]:
+        containers = self.client.containers.list(filters={
+            "label": [f"{LABEL_DATA_DIR}={self.settings.data_dir}"], "status": "running"})
+        return {c.labels[LABEL_INSTANCE]: c.labels.get(LABEL_ENDPOINT, "")
+                for c in containers if LABEL_INSTANCE in c.labels}
+
     def exited_instances(self) -> dict[str, str]:
         # Stopping removes a container, so one that is still here but exited stopped on its own.
         containers = self.client.containers.list(all=True, filters={

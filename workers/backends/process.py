@@ -258,6 +258,14 @@ class ProcessBackend:
                 running.append(path.stem)
         return running
 
+    def running_endpoints(self) -> dict[str, str]:
+        running = {}
+        for path in self.settings.instances_dir.glob("*.json"):
+            state = _load_json(path)
+            if state and not state.get("stopped") and self._leader_alive(state):
+                running[path.stem] = state.get("endpoint", "")
+        return running
+
     def exited_instances(self) -> dict[str, str]:
         exited = {}
         for path in self.settings.instances_dir.glob("*.json"):
