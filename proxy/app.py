@@ -38,6 +38,7 @@ class ProxyApp:
             slot=ReporterSlot(settings.data_dir / "proxy-reporters", settings.proxy_port),
         )
         self.metrics = Metrics()
+        self.tracker.on_in_flight = self.metrics.in_flight
         self.balancer = Balancer(self.tracker.in_flight)
         self.coldstarts = ColdStarts(self.bridge, self.routing, self.balancer, self.tracker, self.metrics,
                                      outage_grace_seconds=settings.proxy_lifecycle_outage_seconds)

@@ -19,7 +19,8 @@ _settings = load_settings()
 
 bind = f"{_settings.bind}:{_settings.proxy_port}"
 workers = _settings.proxy_workers
-worker_class = "gevent"
+# gunicorn's gevent worker plus JSON errors and refusals of non-HTTP bytes (proxy/server.py).
+worker_class = "proxy.server.ProxyWorker"
 worker_connections = 2000
 keepalive = 75  # longer than common load balancers' idle timeouts (60 s), like nginx's default
 timeout = 60

@@ -25,6 +25,10 @@ COLD_STARTS = Counter("standby_proxy_cold_starts_total", "Wake calls that starte
 HELD = Gauge(
     "standby_proxy_held_requests", "Requests held waiting for an instance", ["endpoint"], multiprocess_mode="livesum"
 )
+IN_FLIGHT = Gauge(
+    "standby_proxy_in_flight_requests", "Requests being forwarded to an instance (claimed, not yet released)",
+    ["endpoint"], multiprocess_mode="livesum",
+)
 REJECTED = Counter(
     "standby_proxy_rejected_total", "503 answers (overload, hold timeout, not serving)", ["endpoint", "reason"]
 )
@@ -36,6 +40,7 @@ class Metrics:
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str], object] = {}
         self._latency: dict[str, object] = {}
+        self._in_flight: dict[str, object] = {}
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         code_class = f"{status // 100}xx"
@@ -48,6 +53,12 @@ class Metrics:
         if hist is None:
             hist = self._latency[endpoint] = LATENCY.labels(endpoint)
         hist.observe(seconds)
+
+    def in_flight(self, endpoint: str, delta: int) -> None:
+        gauge = self._in_flight.get(endpoint)
+        if gauge is None:
+            gauge = self._in_flight[endpoint] = IN_FLIGHT.labels(endpoint)
+        gauge.inc(delta)
 
     def cold_start(self, endpoint: str) -> None:
         COLD_STARTS.labels(endpoint).inc()

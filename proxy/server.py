@@ -1,22 +1,106 @@
-"""Start the proxy under gunicorn (`python app.py proxy`)."""
+"""The proxy's gunicorn worker: gunicorn's gevent worker, with three answers it does not give.
+
+- **Bytes that are not HTTP** (a TLS ClientHello sent to this plain-HTTP port, a stray binary
+  protocol) would wait for a line end that never comes until the client gives up. The first byte
+  of a request is a letter (the method), so a connection whose first byte is not one is answered
+  400 at once, saying what it got, and closed.
+- **Impossible chunk sizes** (a chunk larger than the proxy's body limit) would be waited for until
+  the body timeout: refused at once, as an invalid chunk size.
+- **gunicorn's own error answers** (a request line over the limit, malformed headers) are HTML;
+  here they are JSON like every other answer of the proxy (README "Calling an endpoint").
+"""
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+import json
+import socket
 
-from common.config import Settings
+from gunicorn import util
+from gunicorn.http import body as gunicorn_body
+from gunicorn.http.errors import InvalidChunkSize
+from gunicorn.workers.ggevent import GeventWorker
 
-ROOT = Path(__file__).resolve().parent.parent
+from common.config import load_settings
+
+# How long a new connection may stay silent before its first byte (then gunicorn's keep-alive
+# and our body timeout take over).
+FIRST_BYTE_TIMEOUT_SECONDS = 30.0
+_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def gunicorn_argv(settings: Settings | None = None) -> list[str]:
-    """The command line; bind address and worker count come from the environment via the config."""
-    return [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "proxy" / "gunicorn_conf.py"), "proxy.app:application"]
+def json_error(status_int: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"code": status_int, "msg": message}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    return head + body
 
 
-def run(settings: Settings | None = None) -> None:
-    """Replace this process with gunicorn (it handles signals and workers itself)."""
-    os.chdir(ROOT)
-    argv = gunicorn_argv(settings)
-    os.execv(argv[0], argv)
+def linger(sock, seconds: float = 1.0, most: int = 1 << 20) -> None:
+    """After an error answer, with the client's bytes still unread: half-close and drain them a
+    moment before the close, else the kernel resets the connection and the client may lose the
+    answer before reading it (a "lingering close")."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        drained = 0
+        while drained < most:
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    util.write_nonblock(sock, json_error(status_int, reason, mesg))
+    linger(sock)
+
+
+def _bounded_chunks(limit: int):
+    original = gunicorn_body.ChunkedReader.parse_chunk_size
+
+    def parse_chunk_size(self, unreader, data=None):
+        size, rest = original(self, unreader, data)
+        if size > limit:
+            raise InvalidChunkSize(f"a chunk of {size} bytes is over the proxy's body limit of {limit} bytes")
+        return size, rest
+
+    parse_chunk_size.bounded = True
+    return parse_chunk_size
+
+
+def install(max_body_bytes: int) -> None:
+    """Applied once per proxy process (the only kind of process that loads this module's worker)."""
+    util.write_error = _write_json_error
+    if not getattr(gunicorn_body.ChunkedReader.parse_chunk_size, "bounded", False):
+        gunicorn_body.ChunkedReader.parse_chunk_size = _bounded_chunks(max_body_bytes)
+
+
+class ProxyWorker(GeventWorker):
+    def init_process(self):
+        install(load_settings().proxy_max_body_bytes)
+        super().init_process()
+
+    def handle(self, listener, client, addr):
+        client.setblocking(1)
+        try:
+            client.settimeout(FIRST_BYTE_TIMEOUT_SECONDS)
+            first = client.recv(1, socket.MSG_PEEK)
+            client.settimeout(None)
+        except OSError:
+            client.close()
+            return
+        if not first:
+            client.close()
+            return
+        if first[0] not in _METHOD_START:
+            what = "a TLS handshake" if first[0] == 0x16 else f"the byte {first!r}"
+            try:
+                client.sendall(json_error(400, "Bad Request", f"this port speaks plain HTTP/1.1 and got {what}; "
+                                                                 "send an HTTP request (http://, not https://)"))
+                linger(client)
+            except OSError:
+                pass
+            client.close()
+            return
+        super().handle(listener, client, addr)

@@ -146,6 +146,8 @@ class TrafficTracker:
         self._last_reports: dict[str, TrafficReport] = {}
         self._endpoints: dict[str, _EndpointFigures] = {}
         self._in_flight: dict[str, int] = {}  # instance id -> count, for the balancer
+        # Told of every change of an endpoint's in-flight count (the proxy's metrics gauge).
+        self.on_in_flight: Callable[[str, int], None] = lambda endpoint, delta: None
         # Called with the endpoint name whenever one of its requests ends (capacity freed).
         self.on_release: Callable[[str], None] = lambda endpoint: None
 
@@ -173,6 +175,7 @@ class TrafficTracker:
         fig.requests += 1
         fig.last_request_at = now
         ep.dirty = True
+        self.on_in_flight(endpoint, +1)
         self._in_flight[instance_id] = self._in_flight.get(instance_id, 0) + 1
 
     def end(self, endpoint: str, instance_id: str) -> None:
@@ -185,6 +188,7 @@ class TrafficTracker:
             self._in_flight[instance_id] = left
         else:
             self._in_flight.pop(instance_id, None)
+        self.on_in_flight(endpoint, -1)
         self.on_release(endpoint)
 
     def hold(self, endpoint: str, delta: int) -> None:
