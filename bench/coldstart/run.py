@@ -22,13 +22,15 @@ this request received); the worker's (the instance row's `started_at`, `ready_at
 start-to-ready is process start -> listening; the overhead is what the client waited beyond
 that.
 
-1. First wakes: `--runs` fresh endpoints per variant, woken once each, the variants alternating;
-   each is stopped right after its wake, so no other instance lives while one is measured.
-2. Later wakes: one endpoint per variant with an idle retention of `--idle-retention` seconds,
-   woken once to warm up, then `--runs` times: wait until both are `standby` again (released
-   after the idle retention), then wake one, and a second later the other (the order
-   alternating). Both answer within the idle retention of the first, so no release runs while a
-   wake is measured; a pair where that did not hold is counted.
+- Later wakes: one endpoint per variant with an idle retention of `--idle-retention` seconds,
+  woken once to warm up, then `--runs` times: wait until both are `standby` again (released
+  after the idle retention), then wake one, and a second later the other (the order
+  alternating). Both answer within the idle retention of the first, so no release runs while a
+  wake is measured; a pair where that did not hold is counted.
+- First wakes: `--runs` fresh endpoints per variant, each woken once, between two later-wake
+  pairs (once those are back in standby), and stopped right after, so no other instance lives
+  while one is measured. Interleaving the two kinds makes a change in the machine's load fall
+  on both alike.
 
 Everything else (API and history look-ups) happens after the wakes. `--server-delay 5
 --idle-retention 8` makes the server sleep 5 s before it listens, like one that loads a model:
@@ -141,14 +143,14 @@ def main() -> None:
         parser.error("--idle-retention must be at least --server-delay + 2 s: both wakes of a pair must "
                      "answer within the idle retention of the first")
     specs = variant_specs(args.server_delay)
-    began = time.monotonic()
+    began, load_before = time.monotonic(), os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="standby-bench-coldstart-"))
     venv_bin = str(Path(sys.executable).parent)
     up = UpProcess(tmp, extra_env={"PATH": os.pathsep.join([venv_bin, os.environ.get("PATH", "")])})
     try:
         up.start(timeout=120)
         print(f"app.py up is up in {time.monotonic() - began:.1f} s", flush=True)
-        samples = first_wakes(up, specs, args.runs) + later_wakes(up, specs, args.runs, args.idle_retention)
+        samples = measure(up, specs, args.runs, args.idle_retention)
         add_stamps(up, samples)
     finally:
         try:
@@ -158,7 +160,9 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     report(samples, args)
-    print(f"\nbench wall time {time.monotonic() - began:.0f} s")
+    # The machine may be shared: its load says how much to trust one run against another.
+    print(f"\nbench wall time {time.monotonic() - began:.0f} s; load average (1 min) "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs")
 
 
 # ---------------------------------------------------------------- the two kinds of wake
@@ -172,47 +176,45 @@ def variant_specs(server_delay: float) -> dict[str, dict]:
     }
 
 
-def first_wakes(up: UpProcess, specs: dict[str, dict], runs: int) -> list[ColdStart]:
-    names = {variant: [f"first-{slug(variant)}-{i}" for i in range(runs)] for variant in VARIANTS}
+def measure(up: UpProcess, specs: dict[str, dict], runs: int, idle_retention: int) -> list[ColdStart]:
+    """Rounds of: a later-wake pair, then (once both are back in standby) one first wake per
+    variant, so a change in the machine's load falls on both kinds alike."""
+    first = {variant: [f"first-{slug(variant)}-{i}" for i in range(runs)] for variant in VARIANTS}
+    later = {variant: f"later-{slug(variant)}" for variant in VARIANTS}
     for variant, spec in specs.items():
-        for name in names[variant]:
+        for name in first[variant]:
             up.create({"name": name, **spec, "idle_retention_seconds": LONG_RETENTION_SECONDS})
-    for variant_names in names.values():
-        for name in variant_names:
-            up.wait_status(name, "standby")
+        up.create({"name": later[variant], **spec, "idle_retention_seconds": idle_retention})
+    for name in [*later.values(), *(name for names in first.values() for name in names)]:
+        up.wait_status(name, "standby")
+    later_pair(up, later, list(VARIANTS), idle_retention)  # each one's first wake: a warm-up, not counted
     samples = []
-    order = list(VARIANTS)
     for i in range(runs):
-        for variant in order if i % 2 == 0 else order[::-1]:
+        order = list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]
+        samples += later_pair(up, later, order, idle_retention)
+        for variant in order:
+            for name in later.values():  # released after the idle retention: nothing else lives
+                up.wait_status(name, "standby", timeout=60)
             time.sleep(QUIET_SECONDS)
-            samples.append(wake(up, names[variant][i], variant, "first"))
+            samples.append(wake(up, first[variant][i], variant, "first"))
             # Stopped at once, so that no other instance lives while the next one is measured.
-            assert up.api("POST", f"/endpoints/{names[variant][i]}/stop").status_code == 202
-            up.wait_status(names[variant][i], "stopped")
-    print(f"first wakes done ({len(samples)})", flush=True)
+            assert up.api("POST", f"/endpoints/{first[variant][i]}/stop").status_code == 202
+            up.wait_status(first[variant][i], "stopped")
+        print(f"round {i + 1}/{runs} done", flush=True)
     return samples
 
 
-def later_wakes(up: UpProcess, specs: dict[str, dict], runs: int, idle_retention: int) -> list[ColdStart]:
-    names = {variant: f"later-{slug(variant)}" for variant in VARIANTS}
-    for variant, spec in specs.items():
-        up.create({"name": names[variant], **spec, "idle_retention_seconds": idle_retention})
-    samples = []
-    order = list(VARIANTS)
-    for cycle in range(runs + 1):  # cycle 0 is each endpoint's first wake: a warm-up, not counted
-        for name in names.values():
-            up.wait_status(name, "standby", timeout=60)
-        time.sleep(QUIET_SECONDS)
-        first, second = order if cycle % 2 == 0 else order[::-1]
-        pair = [wake(up, names[first], first, "later")]
-        time.sleep(PAIR_GAP_SECONDS)
-        pair.append(wake(up, names[second], second, "later"))
-        # The first one's idle retention ran from its answer: its release may have begun.
-        pair[1].overlapped = pair[1].answered - pair[0].answered > idle_retention
-        if cycle:
-            samples += pair
-    print(f"later wakes done ({len(samples)})", flush=True)
-    return samples
+def later_pair(up: UpProcess, names: dict[str, str], order: list[str], idle_retention: int) -> list[ColdStart]:
+    """Both later-wake endpoints, once they are back in standby: one, and a second later the other."""
+    for name in names.values():
+        up.wait_status(name, "standby", timeout=60)
+    time.sleep(QUIET_SECONDS)
+    pair = [wake(up, names[order[0]], order[0], "later")]
+    time.sleep(PAIR_GAP_SECONDS)
+    pair.append(wake(up, names[order[1]], order[1], "later"))
+    # The first one's idle retention ran from its answer: its release may have begun.
+    pair[1].overlapped = pair[1].answered - pair[0].answered > idle_retention
+    return pair
 
 
 def wake(up: UpProcess, name: str, variant: str, kind: str) -> ColdStart:
