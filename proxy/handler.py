@@ -44,6 +44,7 @@ from proxy.forward import (
 from proxy.headers import cookie_value, forward_headers, wants_event_stream
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, RoutingView
+from proxy.server import arrival_of
 from proxy.temporal_bridge import LifecycleError
 from proxy.traffic import TrafficTracker
 
@@ -102,7 +103,8 @@ class ProxyHandler:
         self.body_timeout_seconds = body_timeout_seconds
 
     def __call__(self, environ, start_response):
-        started, arrived_at = time.monotonic(), time.time()
+        started = time.monotonic()
+        arrived_at = arrival_of(environ.get("gunicorn.socket"), time.time())
         request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
         prepared = self._prepare(environ, request_id, started, arrived_at)
         if isinstance(prepared, ErrorReply):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from gunicorn import util
 from gunicorn.http import body as gunicorn_body
@@ -76,12 +77,32 @@ def install(max_body_bytes: int) -> None:
         gunicorn_body.ChunkedReader.parse_chunk_size = _bounded_chunks(max_body_bytes)
 
 
+# When each open connection was accepted, until its first request reads it (`arrival_of`): a
+# request that waited in the accept queue while an instance started waited for that start too.
+_ACCEPTED_AT: dict[int, float] = {}
+
+
+def arrival_of(sock, now: float) -> float:
+    """When the request on `sock` arrived: the accept time for a connection's first request,
+    else now (a keep-alive connection's later requests arrive when they are read)."""
+    if sock is None:
+        return now
+    return min(now, _ACCEPTED_AT.pop(id(sock), now))
+
+
 class ProxyWorker(GeventWorker):
     def init_process(self):
         install(load_settings().proxy_max_body_bytes)
         super().init_process()
 
     def handle(self, listener, client, addr):
+        _ACCEPTED_AT[id(client)] = time.time()
+        try:
+            self._handle(listener, client, addr)
+        finally:
+            _ACCEPTED_AT.pop(id(client), None)
+
+    def _handle(self, listener, client, addr):
         client.setblocking(1)
         try:
             client.settimeout(FIRST_BYTE_TIMEOUT_SECONDS)
