@@ -75,6 +75,9 @@ def _secret_key(settings: Settings) -> str:
 def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.request_class = StandbyRequest
+    # `//` in a path is a 404 (JSON under /api/), not a redirect Flask answers with an HTML page
+    # past the app's error handlers.
+    app.url_map.merge_slashes = False
     app.json_provider_class = StrictJSONProvider
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(

@@ -367,7 +367,6 @@ def _validate_routes_source(clean: dict, errors: dict, settings: Settings, sessi
     the registry does), and valid route templates (stored normalized, so the API and the form
     keep the same thing)."""
     from common.git_source import git_ref_error, git_url_error
-    from common.models import ModelVersion
     from common.routes import normalize_routes, validate_routes
 
     version_id = clean.get("model_version_id")
@@ -377,9 +376,6 @@ def _validate_routes_source(clean: dict, errors: dict, settings: Settings, sessi
             errors.setdefault("git_url", f"git_url: {problem}{either}")
         if problem := git_ref_error(clean.get("git_ref", "")):
             errors.setdefault("git_ref", f"git_ref: {problem}")
-    if version_id and session is not None and session.get(ModelVersion, version_id) is None:
-        errors.setdefault("model_version_id", f"model version {version_id} does not exist; "
-                                              "register one under /api/v1/models first")
     route_errors = validate_routes(clean.get("routes") or [])
     for field, message in route_errors.items():
         errors.setdefault(field, message)
@@ -457,6 +453,13 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
     if low_n is not None and high_n is not None and high_n < low_n:
         errors["max_instances"] = f"max_instances ({high_n}) must be at least min_instances ({low_n})"
 
+    version_id = clean.get("model_version_id")
+    if version_id and session is not None:
+        from common.models import ModelVersion
+
+        if session.get(ModelVersion, version_id) is None:
+            errors.setdefault("model_version_id", f"model version {version_id} does not exist; "
+                                                  "register one under /api/v1/models first")
     if clean.get("source_kind") == "server":
         if "start_command" in clean and not clean["start_command"] and not clean.get("image"):
             errors["start_command"] = "start_command is required: the shell command that starts your server, e.g. python -m http.server $PORT"
