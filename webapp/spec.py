@@ -62,7 +62,7 @@ IMMUTABLE_FIELDS = ("name", "disk_gb")
 class Limit(NamedTuple):
     low: float
     high: float
-    why: str  # shown in the error message and in README.md's table
+    why: str  # said in the error message when the value is too large
     above_low: bool = False  # low itself is excluded ("more than 0")
 
 
