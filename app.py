@@ -54,10 +54,12 @@ def gunicorn_command(settings: Settings, app_path: str, port: int, extra: list[s
 
 
 def web_command(settings: Settings) -> list[str]:
-    # gthread: the web app keeps a Temporal client on a background asyncio thread.
+    # Threads: the web app keeps a Temporal client on a background asyncio thread. Its worker
+    # (gthread's subclass in webapp/gunicorn_worker.py) parks clients still sending their headers
+    # in the poller instead of a thread, and answers gunicorn's own errors (414...) as JSON.
     return gunicorn_command(settings, "webapp:create_app()", settings.web_port,
-                            ["--worker-class", "gthread", "--workers", "1", "--threads", "8",
-                             "--timeout", "120", "--graceful-timeout", "5"])
+                            ["--worker-class", "webapp.gunicorn_worker.WebWorker", "--workers", "1",
+                             "--threads", "8", "--timeout", "120", "--graceful-timeout", "5"])
 
 
 def proxy_command(settings: Settings) -> list[str]:

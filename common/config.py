@@ -30,6 +30,27 @@ def _float(env: dict, name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _bool(env: dict, name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+def _names(env: dict, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -85,6 +106,12 @@ class Settings:
     proxy_connect_timeout_seconds: float = 5.0
     # On shutdown, streaming requests get this long; idle keep-alive connections hold no longer.
     proxy_graceful_seconds: int = 10
+    # Host names the web app answers to (any port); "*" for any. A request naming another host
+    # (DNS rebinding, a misrouted name) is refused with 400.
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
+    # Whether model code may come from file:// URLs and local paths (tests, a single machine);
+    # off by default: a registered path would read any repository on the worker's disk.
+    allow_file_git: bool = False
 
     @property
     def temporal_target(self) -> str:
@@ -164,4 +191,6 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_sse_keepalive_seconds=_float(env, "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS", 15.0),
         proxy_connect_timeout_seconds=_float(env, "STANDBY_PROXY_CONNECT_TIMEOUT_SECONDS", 5.0),
         proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
+        allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
+        allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
     )

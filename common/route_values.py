@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
 from typing import Any
+
+import re2
 
 PARAM_TYPES = ("str", "int", "float", "bool", "list", "dict", "bytes")
 TYPE_WORDS = {"str": "a string", "int": "a whole number", "float": "a number",
@@ -20,6 +23,56 @@ TYPE_WORDS = {"str": "a string", "int": "a whole number", "float": "a number",
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    return is_number(value) and (not isinstance(value, float) or math.isfinite(value))
+
+
+# ---- parameter regexes ------------------------------------------------------------------------
+# A user's pattern runs against request bodies in the proxy (before waking anything), in the
+# runtime, and against defaults in the web app. Python's `re` backtracks: `(a+)+$` takes seconds
+# on 27 characters and doubles with each one more. RE2 matches in time linear in the text, so
+# every pattern is compiled here, with RE2 only; what RE2 cannot express (backreferences,
+# lookaround) is refused with a message saying what to change.
+MAX_PATTERN_LENGTH = 1000
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error reaches the user as a message; no stderr noise
+_RE2_OPTIONS.max_mem = 8 << 20  # a bounded automaton: 'a{1000}' nested repeats are refused
+
+
+class InvalidPattern(ValueError):
+    """A parameter regex that is refused; the message says what to change."""
+
+
+def compile_pattern(pattern: str):
+    """The pattern compiled for linear-time matching, or InvalidPattern."""
+    if not isinstance(pattern, str):
+        raise InvalidPattern("regex must be a string")
+    return _compile(pattern)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(pattern: str):
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise InvalidPattern(f"regex must be at most {MAX_PATTERN_LENGTH} characters")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise InvalidPattern(f"regex does not compile: {exc}") from None
+    raise InvalidPattern(
+        f"regex uses a feature that cannot be matched in linear time ({detail}): backreferences such "
+        r"as \1, lookahead/lookbehind such as (?=...) (?!...) (?<=...), possessive quantifiers such as "
+        r"a++, or \Z (write \z); rewrite the pattern without them") from None
+
+
+def pattern_matches(pattern: str, text: str) -> bool:
+    """Whether `text` matches the whole `pattern` (linear time in len(text))."""
+    return compile_pattern(pattern).fullmatch(text) is not None
 
 
 def describe(value: Any) -> str:
@@ -78,7 +131,8 @@ def coerce(param: dict, value: Any) -> Any:
 
 
 def check_constraints(param: dict, value: Any) -> None:
-    """Raise InvalidValue with a message saying which bound the (coerced) value breaks."""
+    """Raise InvalidValue with a message saying which bound the (coerced) value breaks (or that
+    the template's regex is refused, for a template stored before its rules got stricter)."""
     if "ge" in param and param["ge"] is not None and value < param["ge"]:
         raise InvalidValue(f"must be greater than or equal to {param['ge']}")
     if "le" in param and param["le"] is not None and value > param["le"]:
@@ -91,8 +145,13 @@ def check_constraints(param: dict, value: Any) -> None:
         raise InvalidValue(f"must have at most {param['max_length']} {unit}")
     if param.get("choices") is not None and value not in param["choices"]:
         raise InvalidValue(f"must be one of {json.dumps(param['choices'])}")
-    if param.get("regex") is not None and not re.fullmatch(param["regex"], value):
-        raise InvalidValue(f"must match the pattern {param['regex']!r}")
+    if param.get("regex") is not None:
+        try:
+            matches = pattern_matches(param["regex"], value)
+        except InvalidPattern as exc:
+            raise InvalidValue(f"cannot be checked: the route's {exc}") from None
+        if not matches:
+            raise InvalidValue(f"must match the pattern {param['regex']!r}")
 
 
 def check_value(param: dict, value: Any) -> Any:

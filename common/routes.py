@@ -22,12 +22,14 @@ from urllib.parse import parse_qsl
 from common.route_values import (
     PARAM_TYPES,
     TYPE_WORDS,
+    InvalidPattern,
     InvalidValue,
     check_value,
+    compile_pattern,
     coerce,
     describe,
     from_query_string,
-    is_number,
+    is_finite_number,
     is_required,
     sample_value,
 )
@@ -90,9 +92,9 @@ def _constraint_errors(param: dict, prefix: str) -> dict[str, str]:
             continue
         if kind not in _NUMERIC:
             errors[f"{prefix}.{bound}"] = f"{bound} applies to int and float parameters only"
-        elif not is_number(param[bound]):
-            errors[f"{prefix}.{bound}"] = f"{bound} must be a number"
-    if (is_number(param.get("ge")) and is_number(param.get("le"))
+        elif not is_finite_number(param[bound]):
+            errors[f"{prefix}.{bound}"] = f"{bound} must be a number (a finite one, not NaN or Infinity)"
+    if (is_finite_number(param.get("ge")) and is_finite_number(param.get("le"))
             and param["ge"] > param["le"] and kind in _NUMERIC):
         errors[f"{prefix}.le"] = "le must be greater than or equal to ge"
     for bound in ("min_length", "max_length"):
@@ -112,9 +114,9 @@ def _constraint_errors(param: dict, prefix: str) -> dict[str, str]:
             errors[f"{prefix}.regex"] = "regex must be a string"
         else:
             try:
-                re.compile(param["regex"])
-            except re.error as exc:
-                errors[f"{prefix}.regex"] = f"regex does not compile: {exc}"
+                compile_pattern(param["regex"])
+            except InvalidPattern as exc:
+                errors[f"{prefix}.regex"] = str(exc)
     if param.get("choices") is not None:
         choices = param["choices"]
         if kind not in _CHOOSABLE:

@@ -128,6 +128,8 @@ class Stack:
             "STANDBY_WEB_PORT": str(free_port()),
             "STANDBY_PROXY_PORT": str(free_port()),
             "PYTHONUNBUFFERED": "1",
+            # The tests' model code comes from local git repositories (off by default).
+            "STANDBY_ALLOW_FILE_GIT": "1",
         })
         self.env.update(extra_env or {})
         self.settings = load_settings(self.env)

@@ -105,7 +105,8 @@ def make_git_repo(path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def settings(tmp_path):
-    return load_settings({"STANDBY_DATA_DIR": str(tmp_path / "data"), "STANDBY_MODEL_MAX_UNPACKED_BYTES": "100000"})
+    return load_settings({"STANDBY_DATA_DIR": str(tmp_path / "data"), "STANDBY_MODEL_MAX_UNPACKED_BYTES": "100000",
+                          "STANDBY_ALLOW_FILE_GIT": "1"})
 
 
 @pytest.fixture
@@ -218,7 +219,8 @@ def test_git_clone_then_runtime_routes_file(settings, workdir, tmp_path):
     ("/nonexistent/repo", "main", "git clone failed"),
     ("REPO", "", "needs both a URL and a ref"),
     ("--upload-pack=touch /tmp/x", "main", "must not start with '-'"),
-    ("ext::sh -c touch% /tmp/pwned", "main", "git clone failed"),
+    ("ext::sh -c touch% /tmp/pwned", "main", "the git URL is refused"),
+    ("fd::0", "main", "transport helpers"),
 ])
 def test_git_errors_are_clear(settings, workdir, tmp_path, url, ref, fragment):
     make_git_repo(tmp_path / "repo")

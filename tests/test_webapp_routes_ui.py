@@ -132,7 +132,7 @@ def test_form_only_errors_name_their_field(app, client, version_id):
     assert both.status_code == 400 and "not both" in both.get_data(as_text=True)
     neither = client.post("/endpoints/new", data=routes_form(client, ROUTES))
     assert neither.status_code == 400
-    assert "Give the repository URL" in neither.get_data(as_text=True)
+    assert "give the repository URL" in neither.get_data(as_text=True)  # the registry's rule and words
     unknown = client.post("/endpoints/new", data=routes_form(client, ROUTES, model_version_id="999"))
     assert unknown.status_code == 400 and "No such model version" in unknown.get_data(as_text=True)
     assert count_endpoints(app) == 0

@@ -9,16 +9,48 @@ import os
 import secrets
 from pathlib import Path
 
-from flask import Flask, request
+from flask import Flask, Request, request
+from flask.json.provider import DefaultJSONProvider
 from flask_wtf import CSRFProtect
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
+from common import strict_json
 from common.config import Settings, load_settings
 from common.db import engine_options, install_sqlite_pragmas
 from webapp.extensions import db
 from webapp.temporal_bridge import TemporalBridge
 
 csrf = CSRFProtect()
+# JSON bodies (specs with routes, keys, models) are a few KB; 1 MiB is generous. The registry's
+# upload views raise it to the archive limit for themselves.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Standard JSON only (common/strict_json.py): request bodies with NaN, ±Infinity or deep
+    nesting are refused, and an answer can never carry NaN / Infinity."""
+
+    sort_keys = False  # keep spec fields in DESIGN.md order
+
+    def dumps(self, obj, **kwargs):
+        kwargs["allow_nan"] = False
+        return super().dumps(obj, **kwargs)
+
+    def loads(self, s, **kwargs):
+        return strict_json.loads(s)
+
+
+class StandbyRequest(Request):
+    def on_json_loading_failed(self, e: ValueError | None):
+        """Say why a body is not accepted as JSON (Flask does so only in debug mode)."""
+        if e is not None:
+            raise BadRequest(f"the body is not valid JSON ({str(e)[:200]}); send a JSON object")
+        return super().on_json_loading_failed(e)
+
+
+def api_error(status: int, message: str):
+    """The JSON API's error answer (the same shape as webapp/api.py's)."""
+    return {"error": message, "errors": {}}, status
 
 
 def _secret_key(settings: Settings) -> str:
@@ -42,12 +74,18 @@ def _secret_key(settings: Settings) -> str:
 
 def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
-    app.json.sort_keys = False  # keep spec fields in DESIGN.md order
+    app.request_class = StandbyRequest
+    # `//` in a path is a 404 (JSON under /api/), not a redirect Flask answers with an HTML page
+    # past the app's error handlers.
+    app.url_map.merge_slashes = False
+    app.json_provider_class = StrictJSONProvider
+    app.json = StrictJSONProvider(app)
     app.config.from_mapping(
         SECRET_KEY=None,
         # Forms stay valid while a user reads a long review page.
         WTF_CSRF_TIME_LIMIT=None,
         SQLALCHEMY_RECORD_QUERIES=False,
+        MAX_CONTENT_LENGTH=MAX_JSON_BODY_BYTES,
     )
     app.config.from_prefixed_env()
     if test_config:
@@ -69,7 +107,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, ui
+    from webapp import api, request_guard, ui
+
+    request_guard.install(app, api_error)
 
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)
@@ -83,10 +123,21 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        """JSON errors under /api/; the HTML error page elsewhere."""
+        """JSON errors under /api/ (405, 413, 414 and 500 included); the HTML error page elsewhere."""
         if request.path.startswith("/api/"):
-            return {"error": exc.description or exc.name, "errors": {}}, exc.code
+            response = exc.get_response()  # keeps headers such as Allow on a 405
+            response.set_data(app.json.dumps({"error": exc.description or exc.name, "errors": {}}))
+            response.content_type = "application/json"
+            return response
         return exc
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        """A bug: logged with its traceback, answered with a JSON 500 under /api/."""
+        if isinstance(exc, HTTPException):
+            return http_error(exc)
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return http_error(InternalServerError("internal error; the web app's log has the details"))
 
     @app.get("/healthz")
     def healthz():

@@ -36,7 +36,11 @@ def error(status: int, message: str, errors: dict | None = None, **extra):
 
 
 def _json_body():
-    body = request.get_json(silent=True)
+    """The request's JSON object, or None. A body that is not standard JSON (NaN, Infinity,
+    nesting past common/strict_json.py's limit) raises BadRequest saying why (a JSON 400)."""
+    if not request.get_data(cache=True):
+        return None
+    body = request.get_json(force=True)
     if not isinstance(body, dict):
         return None
     return body
@@ -185,7 +189,7 @@ def create_key(name: str):
     endpoint = get_endpoint(name)
     if endpoint.status == TERMINATED:
         return error(409, f"endpoint {name!r} is terminated")
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True) if request.get_data(cache=True) else None
     if body is not None and not isinstance(body, dict):
         return error(400, 'the body must be a JSON object such as {"name": "ci"}')
     key_name, problem = api_keys.validate_key_name((body or {}).get("name"))

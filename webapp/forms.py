@@ -8,13 +8,14 @@ so the form works without JavaScript.
 """
 from __future__ import annotations
 
-import json
+import math
 
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, SelectField, StringField, TextAreaField
 from wtforms.fields.choices import SelectChoice
 
-from webapp.registry import git_ref_error, git_url_error, version_choices
+from common import strict_json
+from webapp.registry import version_choices
 from webapp.spec import BALANCING, ENVIRONMENTS, SOURCE_KINDS
 from webapp.views_common import SECRET_MASK
 
@@ -101,9 +102,11 @@ class EndpointForm(FlaskForm):
         ):
             raw = (getattr(self, form_field).data or "").strip()
             try:
-                minutes = float(raw)
+                minutes = float(raw) if len(raw) <= 32 else math.nan
             except ValueError:
-                errors[form_field] = f"{getattr(self, form_field).label.text} must be a number of minutes, got {raw!r}"
+                minutes = math.nan
+            if not math.isfinite(minutes * 60):
+                errors[form_field] = f"{getattr(self, form_field).label.text} must be a number of minutes, got {raw[:40]!r}"
                 continue
             if minutes <= 0:
                 errors[form_field] = f"{getattr(self, form_field).label.text} must be more than 0 minutes"
@@ -123,7 +126,7 @@ class EndpointForm(FlaskForm):
         errors: dict[str, str] = {}
         raw = (self.routes_json.data or "").strip()
         try:
-            data["routes"] = json.loads(raw) if raw else []
+            data["routes"] = strict_json.loads(raw) if raw else []
         except ValueError as exc:
             errors["routes_json"] = f"Routes are not valid JSON ({exc}); fix the text or use the routes editor."
             data["routes"] = []
@@ -133,11 +136,7 @@ class EndpointForm(FlaskForm):
             errors["model_version_id"] = "No such model version; pick one from the list."
         if version and (data["git_url"] or data["git_ref"]):
             errors["git_url"] = "Give either a model version or a git URL + ref, not both."
-        elif not version:
-            for field, check in (("git_url", git_url_error), ("git_ref", git_ref_error)):
-                problem = check(data[field])
-                if problem:
-                    errors[field] = problem[0].upper() + problem[1:] + "."
+        # The git URL and ref are checked by validate_spec, with the registry's rules.
         return errors
 
     def _env(self) -> tuple[list[dict], dict[str, str]]:
@@ -164,7 +163,7 @@ class EndpointForm(FlaskForm):
             getattr(self, name).data = "" if value is None else _plain(value)
         self.sticky_sessions.data = bool(spec.get("sticky_sessions"))
         self.source_kind.data = spec.get("source_kind") or "server"
-        self.routes_json.data = json.dumps(spec.get("routes") or [], indent=2)
+        self.routes_json.data = strict_json.dumps(spec.get("routes") or [], indent=2)
         self.idle_retention_minutes.data = _plain(spec.get("idle_retention_seconds", 600) / 60)
         self.startup_timeout_minutes.data = _plain(spec.get("startup_timeout_seconds", 1200) / 60)
         env = spec.get("env") or []

@@ -21,15 +21,14 @@ from wtforms import StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
 from common.archives import ArchiveError, archive_kind, copy_limited, human_size, inspect_archive
+from common.git_source import git_ref_error, git_url_error
 from common.models import Model, ModelVersion
 from webapp.extensions import db, settings
+from webapp.request_guard import allows_upload
 
 bp = Blueprint("registry", __name__)
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_SCP_LIKE_RE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^\s]+$")
-_GIT_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
-_BAD_REF_RE = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//")
 # Multipart framing around the file; the archive limit itself is checked while copying.
 _MULTIPART_SLACK = 1024 * 1024
 
@@ -48,27 +47,6 @@ def model_name_error(name: str) -> str | None:
         return "give the model a name"
     if len(name) > 63 or not MODEL_NAME_RE.match(name):
         return "use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
-    return None
-
-
-def git_url_error(url: str) -> str | None:
-    """http(s), ssh, git and file URLs, `user@host:path`, or a local absolute path."""
-    if not url:
-        return "give the repository URL, e.g. https://github.com/org/model.git"
-    if url.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in url):
-        return "the URL must not start with '-' or contain spaces or control characters"
-    if "::" in url.split("/", 1)[0]:
-        return "transport helpers such as ext:: are not allowed; use https, ssh or file URLs"
-    if url.startswith(_GIT_SCHEMES) or _SCP_LIKE_RE.match(url) or url.startswith("/"):
-        return None
-    return "use an https://, http://, ssh://, git:// or file:// URL, user@host:path, or an absolute local path"
-
-
-def git_ref_error(ref: str) -> str | None:
-    if not ref:
-        return "give a branch, tag or commit, e.g. main"
-    if len(ref) > 255 or ref.startswith(("-", "/")) or ref.endswith(("/", ".", ".lock")) or _BAD_REF_RE.search(ref):
-        return "not a valid git ref: use a branch, tag or commit hash without spaces, '..' or ~^:?*["
     return None
 
 
@@ -170,7 +148,7 @@ def add_archive_version(model: Model, upload: FileStorage | None) -> ModelVersio
 def add_git_version(model: Model, git_url: str, git_ref: str) -> ModelVersion:
     git_url, git_ref = (git_url or "").strip(), (git_ref or "").strip()
     errors = {}
-    if error := git_url_error(git_url):
+    if error := git_url_error(git_url, settings().allow_file_git):
         errors["git_url"] = error
     if error := git_ref_error(git_ref):
         errors["git_ref"] = error
@@ -210,17 +188,25 @@ def _too_large_message() -> str:
     return f"the archive is larger than the limit of {human_size(settings().model_max_archive_bytes)}"
 
 
+# The views that take an archive upload; every other request keeps the app's JSON body limit.
+_UPLOAD_VIEWS = ("registry.upload_version", "registry.api_create_version")
+
+
 @bp.url_value_preprocessor
 def _limit_upload_size(endpoint, values) -> None:
     # Runs before any before_request hook (CSRF reads the form there), so werkzeug refuses an
     # oversize body from its Content-Length instead of spooling it to disk first.
-    if request.method == "POST":
+    if request.method == "POST" and endpoint in _UPLOAD_VIEWS:
         request.max_content_length = settings().model_max_archive_bytes + _MULTIPART_SLACK
 
 
 @bp.errorhandler(RequestEntityTooLarge)
-def _too_large(_exc):
+def _too_large(exc):
     """An oversize upload is the user's to fix: 400 with the limit, like any other bad archive."""
+    if request.endpoint not in _UPLOAD_VIEWS:
+        if request.path.startswith("/api/"):
+            return _api_error(413, f"the request body is larger than {human_size(request.max_content_length or 0)}")
+        return exc
     if request.path.startswith("/api/"):
         return _api_error(400, "invalid version", {"archive": _too_large_message()})
     model = db.session.scalar(select(Model).where(Model.name == (request.view_args or {}).get("name")))
@@ -336,7 +322,7 @@ def _api_error(status: int, message: str, errors: dict | None = None):
 @bp.post("/api/v1/models")
 def api_create_model():
     """Create a model: {"name", "description"}."""
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True) if request.get_data(cache=True) else None
     if not isinstance(body, dict):
         return _api_error(400, "send a JSON object: {\"name\": ..., \"description\": ...}")
     try:
@@ -360,6 +346,7 @@ def api_get_model(name: str):
 
 
 @bp.post("/api/v1/models/<name>/versions")
+@allows_upload
 def api_create_version(name: str):
     """Add a version: multipart with an `archive` file, or JSON {"git_url", "git_ref"}."""
     model = get_model(name)
@@ -367,7 +354,7 @@ def api_create_version(name: str):
         if request.mimetype == "multipart/form-data":
             version = add_archive_version(model, request.files.get("archive"))
         elif request.is_json:
-            body = request.get_json(silent=True)
+            body = request.get_json()
             if not isinstance(body, dict):
                 return _api_error(400, "send a JSON object: {\"git_url\": ..., \"git_ref\": ...}")
             version = add_git_version(model, str(body.get("git_url") or ""), str(body.get("git_ref") or ""))

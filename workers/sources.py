@@ -7,10 +7,13 @@ failure reason.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any, Callable
 
 from common.archives import ArchiveError, archive_kind, extract_archive, sha256_of
 from common.config import Settings
+from common.git_source import allowed_protocols, git_ref_error, git_url_error
 
 
 class SourceError(ValueError):
@@ -99,37 +103,93 @@ def _from_archive(settings: Settings, archive_path: str, expected_sha256: str, w
     return SourceInfo(kind="archive", archive_sha256=expected_sha256, files=info.members)
 
 
-def _git(args: list[str], cwd: Path | None, timeout: float, beat: _Throttled) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
-    # ext:: would run an arbitrary command taken from the URL.
+# Clones running right now, by process group id, so that a worker exiting (or killed by
+# `app.py up` on Ctrl-C, which sends SIGTERM first) does not leave them behind.
+_live_groups: set[int] = set()
+_live_lock = threading.Lock()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@atexit.register
+def _kill_live_clones() -> None:
+    with _live_lock:
+        groups = list(_live_groups)
+    for pgid in groups:
+        _kill_group(pgid)
+
+
+def git_environment(settings: Settings) -> dict[str, str]:
+    """The environment of every git command: no prompts (a credential prompt would wait forever
+    on a worker), no credential helpers or askpass programs from the host's config, and only the
+    transports common/git_source.py allows, for the URL, its submodules and redirects alike."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+    env.update({
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "true",
+        "SSH_ASKPASS": "true",
+        # ssh must not ask either (host key, passphrase): BatchMode fails instead.
+        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+        "GIT_ALLOW_PROTOCOL": allowed_protocols(settings.allow_file_git),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "credential.helper",
+        "GIT_CONFIG_VALUE_0": "",
+    })
+    return env
+
+
+def _git(settings: Settings, args: list[str], cwd: Path | None, deadline: float, beat: _Throttled) -> str:
+    """Run one git command in its own process group, killed (with every helper it started:
+    ssh, git-remote-https, index-pack) on timeout, on cancellation and on any error here."""
+    # ext:: would run an arbitrary command taken from the URL; GIT_ALLOW_PROTOCOL refuses it too.
     command = ["git", "-c", "protocol.ext.allow=never", *args]
     try:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(command, cwd=cwd, env=git_environment(settings), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
     except FileNotFoundError:
         raise SourceError("git is not installed on this worker host") from None
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            out, err = process.communicate(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-            break
-        except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline:
-                process.kill()
-                process.communicate()
-                raise SourceError(f"git {args[0]} took longer than {timeout:g} s") from None
-            beat(f"git {args[0]}")
+    with _live_lock:
+        _live_groups.add(process.pid)
+    timeout = settings.model_git_timeout_seconds
+    try:
+        while True:
+            try:
+                out, err = process.communicate(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise SourceError(f"git {args[0]} took longer than {timeout:g} s "
+                                      "(STANDBY_MODEL_GIT_TIMEOUT_SECONDS); check the URL and the network") from None
+                # A cancelled activity learns it here: heartbeat raises, and the finally kills git.
+                beat(f"git {args[0]}")
+    finally:
+        if process.returncode is None:
+            _kill_group(process.pid)
+            process.kill()
+            process.communicate()
+        else:
+            _kill_group(process.pid)  # helpers git left behind in its group
+        with _live_lock:
+            _live_groups.discard(process.pid)
     if process.returncode != 0:
         detail = (err or out).strip().splitlines()
         raise SourceError(f"git {args[0]} failed: {' '.join(detail[-3:]) or f'exit {process.returncode}'}")
     return out.strip()
 
 
-def _resolve(clone: Path, ref: str, timeout: float, beat: _Throttled) -> str:
+def _resolve(settings: Settings, clone: Path, ref: str, deadline: float, beat: _Throttled) -> str:
     # A branch exists only as origin/<ref> in a fresh clone; tags and commits resolve as given.
     for candidate in (f"origin/{ref}", ref):
         try:
-            return _git(["rev-parse", "--verify", "--quiet", f"{candidate}^{{commit}}"], clone, timeout, beat)
+            return _git(settings, ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{candidate}^{{commit}}"],
+                        clone, deadline, beat)
         except SourceError:
             continue
     raise SourceError(f"git ref {ref!r} was not found in the repository (branch, tag or commit)")
@@ -138,18 +198,23 @@ def _resolve(clone: Path, ref: str, timeout: float, beat: _Throttled) -> str:
 def _from_git(settings: Settings, url: str, ref: str, workdir: Path, beat: _Throttled) -> SourceInfo:
     if not url or not ref:
         raise SourceError("a git source needs both a URL and a ref")
-    if url.startswith("-") or ref.startswith("-"):
-        raise SourceError("the git URL and ref must not start with '-'")
-    timeout = settings.model_git_timeout_seconds
+    # The web app checked these when they were registered; rows written before the rules got
+    # stricter (or by other means) are checked again, with the same rules.
+    if problem := git_url_error(url, settings.allow_file_git):
+        raise SourceError(f"the git URL is refused: {problem}")
+    if problem := git_ref_error(ref):
+        raise SourceError(f"the git ref is refused: {problem}")
+    # One deadline for the whole source: clone, resolve, checkout and submodules together.
+    deadline = time.monotonic() + settings.model_git_timeout_seconds
     # Clone beside the workdir, then move the files in: the workdir may already exist.
     staging = Path(tempfile.mkdtemp(prefix=".clone-", dir=workdir.parent))
     try:
         clone = staging / "repo"
-        _git(["clone", "--quiet", "--no-checkout", "--", url, str(clone)], None, timeout, beat)
-        commit = _resolve(clone, ref, timeout, beat)
-        _git(["checkout", "--quiet", "--detach", commit], clone, timeout, beat)
+        _git(settings, ["clone", "--quiet", "--no-checkout", "--", url, str(clone)], None, deadline, beat)
+        commit = _resolve(settings, clone, ref, deadline, beat)
+        _git(settings, ["checkout", "--quiet", "--detach", commit], clone, deadline, beat)
         if (clone / ".gitmodules").exists():
-            _git(["submodule", "update", "--init", "--recursive", "--quiet"], clone, timeout, beat)
+            _git(settings, ["submodule", "update", "--init", "--recursive", "--quiet"], clone, deadline, beat)
         entries = list(clone.iterdir())
         clashes = sorted(entry.name for entry in entries if (workdir / entry.name).exists())
         if clashes:
