@@ -101,11 +101,13 @@ def target(tmp_path):
     """The web app on 127.0.0.1 with a recording bridge; yields (base_url, app, bridge, hits)."""
     from werkzeug.serving import make_server
 
+    from common.schema import upgrade
     from webapp import create_app
     from webapp.extensions import db
 
     settings = load_settings({"STANDBY_DATA_DIR": str(tmp_path / "data"), "STANDBY_GPUS": "T4:2"})
     bridge = RecordingBridge()
+    upgrade(settings.database_url)  # as `app.py web` does before serving
     app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test", "STANDBY_BRIDGE": bridge})
     hits: list[tuple[str, str, int]] = []
 

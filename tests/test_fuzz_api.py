@@ -117,11 +117,13 @@ archives = st.one_of(
 
 @pytest.fixture
 def fuzz_app(tmp_path):
+    from common.schema import upgrade
     from webapp import create_app
     from webapp.extensions import db
 
     config = load_settings({"STANDBY_DATA_DIR": str(tmp_path / "data"), "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
                             "STANDBY_GPUS": "T4:2"})
+    upgrade(config.database_url)  # as `app.py web` does before serving
     app = create_app({"TESTING": True, "STANDBY_SETTINGS": config, "SECRET_KEY": "test",
                       "WTF_CSRF_ENABLED": False})  # the forms' own validation is what is fuzzed here
     client = app.test_client()

@@ -4,6 +4,7 @@ Layout under settings.instances_dir:
     <id>/work    the instance's working directory, recreated fresh on every launch
     <id>.json    backend state (pid, port, ...), kept outside the workdir so a restart that
                  wipes the workdir never forgets a process that is still running
+    stopped/<id>.json  the same, once the instance is stopped
 Logs live in settings.logs_dir/<id>.log so they survive restarts of the instance.
 """
 from __future__ import annotations
@@ -39,6 +40,12 @@ def state_path_for(settings: Settings, instance_id: str) -> Path:
     return settings.instances_dir / f"{check_instance_id(instance_id)}.json"
 
 
+def stopped_state_path_for(settings: Settings, instance_id: str) -> Path:
+    """Where the state of a stopped instance goes: out of the directory every launch, liveness
+    sweep and exit watch reads, which would otherwise grow by one file per wake."""
+    return settings.instances_dir / "stopped" / f"{check_instance_id(instance_id)}.json"
+
+
 def log_path_for(settings: Settings, instance_id: str) -> Path:
     return settings.logs_dir / f"{check_instance_id(instance_id)}.log"
 
@@ -71,7 +78,8 @@ def prepare_workdir(settings: Settings, instance_id: str, source_dir: str | Path
 def remove_instance_files(settings: Settings, instance_id: str) -> None:
     """Purge: the workdir, the backend state and the log. Missing files are fine."""
     _remove_tree(instance_dir_for(settings, instance_id))
-    for path in (state_path_for(settings, instance_id), log_path_for(settings, instance_id)):
+    for path in (state_path_for(settings, instance_id), stopped_state_path_for(settings, instance_id),
+                 log_path_for(settings, instance_id)):
         path.unlink(missing_ok=True)
 
 

@@ -36,6 +36,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
     db = Database(settings.database_url)
     backend = make_backend(settings)
     reap(settings, db, backend)
+    if settings.backend == "process":
+        # Checked once per process: now, not on the first fixed-port start a client waits for.
+        from workers.ports import namespace_mode
+
+        await asyncio.to_thread(namespace_mode)
     survivors = backend.running_endpoints()
     if survivors:
         unstuck = await unstick(client, settings.temporal_namespace, survivors)

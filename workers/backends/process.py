@@ -33,7 +33,7 @@ from workers.ports import (
     substitute_port,
     uses_port_placeholder,
 )
-from workers.workdir import check_instance_id, state_path_for
+from workers.workdir import check_instance_id, state_path_for, stopped_state_path_for
 
 # Worker configuration (database URL, secret key, Temporal address) is none of an instance's
 # business: user code must not be able to read it from its environment.
@@ -374,14 +374,17 @@ class ProcessBackend:
         return self._ports.allocate(taken)
 
     def _read_state(self, instance_id: str) -> dict | None:
-        return _load_json(state_path_for(self.settings, instance_id))
+        state = _load_json(state_path_for(self.settings, instance_id))
+        return state if state is not None else _load_json(stopped_state_path_for(self.settings, instance_id))
 
     def _write_state(self, instance_id: str, state: dict) -> None:
-        path = state_path_for(self.settings, instance_id)
+        live, stopped = state_path_for(self.settings, instance_id), stopped_state_path_for(self.settings, instance_id)
+        path, other = (stopped, live) if state.get("stopped") else (live, stopped)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, path)  # atomic: a crash never leaves half a state file
+        other.unlink(missing_ok=True)
 
 
 def _groups_have_live_members(groups: set[int]) -> bool:
