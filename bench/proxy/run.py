@@ -74,10 +74,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="runs per target; the best is kept (shared machine)")
-    parser.add_argument("--proxy-workers", type=int, default=1, help="gunicorn workers for Standby's proxy")
+    parser.add_argument("--proxy-workers", type=int, default=None,
+                        help="gunicorn workers for Standby's proxy (default: its own default, STANDBY_PROXY_WORKERS)")
     parser.add_argument("--nginx-workers", type=int, default=1)
     parser.add_argument("--instance-workers", type=int, default=1)
     args = parser.parse_args()
+    if args.proxy_workers is None:
+        from common.config import Settings
+
+        args.proxy_workers = Settings(data_dir=Path(".")).proxy_workers
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install -y wrk nginx")
