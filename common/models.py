@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -25,6 +24,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from common.spec_fields import spec_columns
 
 
 def utcnow() -> datetime:
@@ -46,48 +47,14 @@ I_DRAINING, I_STOPPING, I_STOPPED, I_FAILED = "draining", "stopping", "stopped",
 INSTANCE_LIVE_STATES = (I_QUEUED, I_PROVISIONING, I_STARTING, I_READY, I_DRAINING, I_STOPPING)
 
 
-class Endpoint(Base):
+# The spec's columns, one per field declared in common/spec_fields.py (written by the web app only).
+EndpointSpecColumns = type("EndpointSpecColumns", (), spec_columns())
+
+
+class Endpoint(EndpointSpecColumns, Base):
     __tablename__ = "endpoints"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
-    description: Mapped[str] = mapped_column(Text, default="")
-    environment: Mapped[str] = mapped_column(String(32), default="development")
-
-    # Source: "server" (start_command + port, optional source_dir) or "routes" (issue 4).
-    source_kind: Mapped[str] = mapped_column(String(16), default="server")
-    start_command: Mapped[str] = mapped_column(Text, default="")
-    image: Mapped[str] = mapped_column(String(255), default="")
-    port: Mapped[int] = mapped_column(Integer, default=8080)
-    source_dir: Mapped[str] = mapped_column(Text, default="")
-    # [{"key": "HF_TOKEN", "value": "...", "secret": true}, ...]
-    env: Mapped[list] = mapped_column(JSON, default=list)
-    # Routes source (issue 4): model version or git, plus the route templates.
-    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
-    git_url: Mapped[str] = mapped_column(Text, default="")
-    git_ref: Mapped[str] = mapped_column(String(255), default="")
-    routes: Mapped[list] = mapped_column(JSON, default=list)
-
-    gpu_type: Mapped[str] = mapped_column(String(64), default="")
-    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
-    cpu_cores: Mapped[float] = mapped_column(Float, default=1.0)
-    memory_gb: Mapped[float] = mapped_column(Float, default=1.0)
-    disk_gb: Mapped[int] = mapped_column(Integer, default=10)
-
-    min_instances: Mapped[int] = mapped_column(Integer, default=0)
-    max_instances: Mapped[int] = mapped_column(Integer, default=1)
-    idle_retention_seconds: Mapped[int] = mapped_column(Integer, default=600)
-    startup_timeout_seconds: Mapped[int] = mapped_column(Integer, default=1200)
-    # Empty: any HTTP answer below 500 on the port means ready; set: HTTP 200 there.
-    health_path: Mapped[str] = mapped_column(String(255), default="")
-    health_interval_seconds: Mapped[int] = mapped_column(Integer, default=10)
-
-    # Proxy settings (issue 3).
-    max_concurrency: Mapped[int] = mapped_column(Integer, default=0)  # 0 = unlimited
-    balancing: Mapped[str] = mapped_column(String(32), default="round_robin")
-    sticky_sessions: Mapped[bool] = mapped_column(Boolean, default=False)
-    hold_queue_size: Mapped[int] = mapped_column(Integer, default=100)
-
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     spec_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import or_, select
 
 from common.db import Database
+from common.spec_fields import PROXY, ROUTES, python_type, read_by
 from common.models import (
     I_DRAINING,
     I_PROVISIONING,
@@ -47,31 +48,33 @@ class InstanceView:
     ready_at: float = 0.0
 
 
-@dataclass(frozen=True)
-class EndpointView:
-    name: str
-    status: str
-    max_instances: int = 1
-    max_concurrency: int = 0  # 0 = unlimited
-    balancing: str = "round_robin"
-    sticky_sessions: bool = False
-    hold_queue_size: int = 100
-    startup_timeout_seconds: int = 1200
-    status_reason: str = ""
-    source_kind: str = "server"
-    routes: tuple = ()
-    key_hashes: frozenset = frozenset()
-    # Ready instances only, oldest first so that balancing order is stable between refreshes.
-    instances: tuple[InstanceView, ...] = ()
-    # Instances that exist and count against max_instances but take no new requests.
-    draining_ids: frozenset = frozenset()
-    live_count: int = 0  # every instance not yet stopped or failed (for scale-out decisions)
+def _instance(self, instance_id: str) -> InstanceView | None:
+    for inst in self.instances:
+        if inst.id == instance_id:
+            return inst
+    return None
 
-    def instance(self, instance_id: str) -> InstanceView | None:
-        for inst in self.instances:
-            if inst.id == instance_id:
-                return inst
-        return None
+
+# The spec fields the proxy reads, as their declarations say (common/spec_fields.py).
+PROXY_FIELDS = tuple(f for f in read_by(PROXY) if f.name != "name")
+
+# One endpoint as the proxy sees it: its name and status, the spec fields the proxy reads
+# (routes as a tuple, so the view stays immutable), and what the database says of its instances.
+EndpointView = make_dataclass("EndpointView", [
+    ("name", str),
+    ("status", str),
+    ("status_reason", str, field(default="")),
+    *[(f.name, python_type(f) if f.kind != ROUTES else tuple, field(default=() if f.kind == ROUTES else f.default))
+      for f in PROXY_FIELDS],
+    ("key_hashes", frozenset, field(default=frozenset())),
+    # Ready instances only, oldest first so that balancing order is stable between refreshes.
+    ("instances", tuple, field(default=())),
+    # Instances that exist and count against max_instances but take no new requests.
+    ("draining_ids", frozenset, field(default=frozenset())),
+    # Every instance not yet stopped or failed (for scale-out decisions).
+    ("live_count", int, field(default=0)),
+], frozen=True, namespace={"instance": _instance})
+EndpointView.__module__ = __name__
 
 
 @dataclass
@@ -153,20 +156,8 @@ class RoutingView:
     def _load(self) -> tuple[dict[str, EndpointView], dict[str, frozenset]]:
         with self.database.session() as session:
             endpoint_rows = session.execute(
-                select(
-                    Endpoint.id,
-                    Endpoint.name,
-                    Endpoint.status,
-                    Endpoint.max_instances,
-                    Endpoint.max_concurrency,
-                    Endpoint.balancing,
-                    Endpoint.sticky_sessions,
-                    Endpoint.hold_queue_size,
-                    Endpoint.startup_timeout_seconds,
-                    Endpoint.status_reason,
-                    Endpoint.source_kind,
-                    Endpoint.routes,
-                )
+                select(Endpoint.id, Endpoint.name, Endpoint.status, Endpoint.status_reason,
+                       *[getattr(Endpoint, f.name) for f in PROXY_FIELDS])
             ).all()
             # Live instances, and those that ended recently enough to settle a learned id; the
             # history of long-stopped instances would grow every refresh without bound.
@@ -200,18 +191,15 @@ class RoutingView:
         endpoints: dict[str, EndpointView] = {}
         known: dict[str, frozenset] = {}
         for row in endpoint_rows:
+            spec = {}
+            for f in PROXY_FIELDS:
+                value = getattr(row, f.name)
+                spec[f.name] = tuple(value or ()) if f.kind == ROUTES else (f.default if value is None else value)
             endpoints[row.name] = EndpointView(
                 name=row.name,
                 status=row.status or "",
-                max_instances=row.max_instances or 0,
-                max_concurrency=row.max_concurrency or 0,
-                balancing=row.balancing or "round_robin",
-                sticky_sessions=bool(row.sticky_sessions),
-                hold_queue_size=row.hold_queue_size if row.hold_queue_size is not None else 100,
-                startup_timeout_seconds=row.startup_timeout_seconds or 1200,
                 status_reason=row.status_reason or "",
-                source_kind=row.source_kind or "server",
-                routes=tuple(row.routes or ()),
+                **spec,
                 key_hashes=frozenset(keys.get(row.id, ())),
                 instances=tuple(ready.get(row.id, ())),
                 draining_ids=frozenset(draining.get(row.id, ())),

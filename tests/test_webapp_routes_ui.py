@@ -87,7 +87,8 @@ def test_routes_endpoint_review_then_confirm(app, client, version_id):
 def test_git_source_and_server_leftovers_dropped(app, client):
     data = routes_form(client, ROUTES[:1], git_url="https://example.com/m.git", git_ref="v1")
     review = client.post("/endpoints/new", data=data).get_data(as_text=True)
-    assert "<code>https://example.com/m.git</code> @ <code>v1</code>" in review
+    assert "<dt>Git URL</dt><dd><code>https://example.com/m.git</code></dd>" in review
+    assert "<dt>Git ref</dt><dd><code>v1</code></dd>" in review
     # Choosing "server" afterwards does not carry the typed routes into the spec.
     server = client.post("/endpoints/new", data={**data, "name": "srv", "source_kind": "server",
                                                  "start_command": "python -m http.server $PORT",
@@ -134,7 +135,8 @@ def test_form_only_errors_name_their_field(app, client, version_id):
     assert neither.status_code == 400
     assert "give the repository URL" in neither.get_data(as_text=True)  # the registry's rule and words
     unknown = client.post("/endpoints/new", data=routes_form(client, ROUTES, model_version_id="999"))
-    assert unknown.status_code == 400 and "No such model version" in unknown.get_data(as_text=True)
+    # The API's own words for the same value.
+    assert unknown.status_code == 400 and "model version 999 does not exist" in unknown.get_data(as_text=True)
     assert count_endpoints(app) == 0
 
 

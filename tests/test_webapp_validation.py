@@ -130,7 +130,8 @@ BAD_FORMS = [
     ({"gpu_type": "T4", "gpu_count": "4"}, "only 2"),
     ({"disk_gb": "0"}, "at least 1"),
     ({"min_instances": "2", "max_instances": "1"}, "at least min_instances"),
-    ({"idle_retention_minutes": "0"}, "more than 0 minutes"),
+    # Zero minutes is zero seconds: the API's own message for that value.
+    ({"idle_retention_minutes": "0"}, "idle_retention_seconds must be between 1 and 2592000: at least 1, got 0"),
     ({"idle_retention_minutes": "soon"}, "number of minutes"),
     ({"startup_timeout_minutes": "1"}, "between 3 and 120 minutes"),
     ({"health_path": "health"}, "starting with &#39;/&#39;"),

@@ -15,49 +15,25 @@ from typing import Any, Callable, NamedTuple
 
 from common.config import Settings, load_settings
 from common.models import TERMINATED, Endpoint
+from common.spec_fields import (  # noqa: F401 (DEFAULTS, SPEC_FIELDS: re-exported for the API)
+    BOOL,
+    BY_NAME,
+    CHOICE,
+    DEFAULTS,
+    FLOAT,
+    IMMUTABLE,
+    INT,
+    REF,
+    ROUTES,
+    SPEC,
+    SPEC_FIELDS,
+    TEXT,
+)
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-ENVIRONMENTS = ("development", "staging", "production")
-BALANCING = ("round_robin", "least_connections", "ip_hash", "random")
-SOURCE_KINDS = ("server", "routes")
 # Set by the backend for every instance; a user value would break port allocation / GPU pinning.
 RESERVED_ENV_KEYS = {"PORT", "CUDA_VISIBLE_DEVICES"}
-MAX_GPUS = 4
-
-DEFAULTS: dict[str, Any] = {
-    "description": "",
-    "environment": "development",
-    "source_kind": "server",
-    "start_command": "",
-    "image": "",
-    "port": 8080,
-    "source_dir": "",
-    "env": [],
-    "gpu_type": "",
-    "gpu_count": 0,
-    "cpu_cores": 1.0,
-    "memory_gb": 1.0,
-    "disk_gb": 10,
-    "min_instances": 0,
-    "max_instances": 1,
-    "idle_retention_seconds": 600,
-    "startup_timeout_seconds": 1200,
-    # Empty: ready when the port answers HTTP below 500 (README "Readiness"); set: 200 there.
-    "health_path": "",
-    "health_interval_seconds": 10,
-    "max_concurrency": 0,
-    "balancing": "round_robin",
-    "sticky_sessions": False,
-    "hold_queue_size": 100,
-    # Routes source (issue 4); carried through untouched unless source_kind is "routes".
-    "git_url": "",
-    "git_ref": "",
-    "model_version_id": None,
-    "routes": [],
-}
-SPEC_FIELDS = ("name",) + tuple(DEFAULTS)
-IMMUTABLE_FIELDS = ("name", "disk_gb")
 
 
 class Limit(NamedTuple):
@@ -67,40 +43,16 @@ class Limit(NamedTuple):
     above_low: bool = False  # low itself is excluded ("more than 0")
 
 
-DAY = 24 * 3600
-# The range of every numeric spec field, in one place: what the lifecycle can schedule (its
-# timers are Temporal durations; 30 days of idle retention is longer than anyone keeps a GPU
-# idle), what one host can hold, and what fits a 32-bit database column. README.md ("Spec
-# limits") lists the same table. startup_timeout_seconds is narrowed further by the settings
-# STANDBY_MIN/MAX_STARTUP_TIMEOUT_SECONDS.
-NUMERIC_LIMITS: dict[str, Limit] = {
-    "port": Limit(1, 65535, "a TCP port"),
-    "gpu_count": Limit(0, MAX_GPUS, "GPUs per instance"),
-    "cpu_cores": Limit(0, 1024, "cores of one host", above_low=True),
-    "memory_gb": Limit(0, 4096, "4 TB, memory of one host", above_low=True),
-    "disk_gb": Limit(1, 65536, "64 TB"),
-    "min_instances": Limit(0, 100, "instances per endpoint"),
-    "max_instances": Limit(1, 100, "instances per endpoint"),
-    "idle_retention_seconds": Limit(1, 30 * DAY, "30 days"),
-    "startup_timeout_seconds": Limit(1, DAY, "1 day; the settings narrow it further"),
-    "health_interval_seconds": Limit(1, DAY, "1 day"),
-    "max_concurrency": Limit(0, 100_000, "requests in flight per instance; 0 means unlimited"),
-    "hold_queue_size": Limit(1, 100_000, "requests held during a cold start"),
-    "model_version_id": Limit(1, 2**31 - 1, "the range of an id"),
-}
-# The longest text of each string field (the database column's size where it has one). Single-line
-# fields refuse control characters; none may hold NUL, which PostgreSQL text and process
-# environments cannot carry.
-TEXT_LIMITS: dict[str, tuple[int, bool]] = {  # field: (max characters, may span lines)
-    "description": (2000, True),
-    "start_command": (8192, True),
-    "image": (255, False),
-    "source_dir": (4096, False),
-    "gpu_type": (64, False),
-    "health_path": (255, False),
-    "git_url": (2048, False),
-    "git_ref": (255, False),
-}
+# The range of every numeric field and the longest of every text field, from the declarations
+# (common/spec_fields.py): what the lifecycle can schedule (its timers are Temporal durations),
+# what one host can hold, what fits the database column. README.md ("Spec limits") lists them.
+# startup_timeout_seconds is narrowed further by STANDBY_MIN/MAX_STARTUP_TIMEOUT_SECONDS.
+NUMERIC_LIMITS: dict[str, Limit] = {f.name: Limit(f.low, f.high, f.why, f.above_low)
+                                    for f in SPEC if f.low is not None}
+# Single-line fields refuse control characters; none may hold NUL, which PostgreSQL text and
+# process environments cannot carry.
+TEXT_LIMITS: dict[str, tuple[int, bool]] = {f.name: (f.max_length, f.multiline)
+                                            for f in SPEC if f.kind == TEXT and f.name != "name"}
 ENV_VALUE_MAX = 32768
 # Digits of a whole number we read at all: more than any limit above needs, far fewer than the
 # thousands Python refuses to convert.
@@ -268,34 +220,30 @@ def _routes(value: Any) -> list:
     return routes
 
 
+# Checks of a field's content beyond its kind and limits.
+_CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir}
+
+
+def _check_for(f) -> Callable[[Any], Any] | None:
+    if f.kind == TEXT:
+        return _text(f.name, _CONTENT.get(f.name))
+    if f.kind == CHOICE:
+        return _choice(f.choices)
+    if f.kind == INT:
+        return _bounded_int(f.name, f.what or "a whole number")
+    if f.kind == FLOAT:
+        return _bounded_float(f.name)
+    if f.kind == BOOL:
+        return _as_bool
+    if f.kind == REF:
+        return _model_version_id
+    if f.kind == ROUTES:
+        return _routes
+    return None  # env: checked with the stored secrets (_clean_env)
+
+
 FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "description": _text("description"),
-    "environment": _choice(ENVIRONMENTS),
-    "source_kind": _choice(SOURCE_KINDS),
-    "start_command": _text("start_command"),
-    "image": _text("image"),
-    "port": _bounded_int("port", "a port number"),
-    "source_dir": _text("source_dir", _source_dir),
-    "gpu_type": _text("gpu_type"),
-    "gpu_count": _bounded_int("gpu_count"),
-    "cpu_cores": _bounded_float("cpu_cores"),
-    "memory_gb": _bounded_float("memory_gb"),
-    "disk_gb": _bounded_int("disk_gb"),
-    "min_instances": _bounded_int("min_instances"),
-    "max_instances": _bounded_int("max_instances"),
-    "idle_retention_seconds": _bounded_int("idle_retention_seconds", "a whole number of seconds"),
-    # Also checked in _cross_checks against the bounds from settings.
-    "startup_timeout_seconds": _bounded_int("startup_timeout_seconds", "a whole number of seconds"),
-    "health_path": _text("health_path", _health_path),
-    "health_interval_seconds": _bounded_int("health_interval_seconds", "a whole number of seconds"),
-    "max_concurrency": _bounded_int("max_concurrency"),
-    "balancing": _choice(BALANCING),
-    "sticky_sessions": _as_bool,
-    "hold_queue_size": _bounded_int("hold_queue_size"),
-    "git_url": _text("git_url"),
-    "git_ref": _text("git_ref"),
-    "model_version_id": _model_version_id,
-    "routes": _routes,
+    f.name: check for f in SPEC if f.name != "name" and (check := _check_for(f)) is not None
 }
 
 
@@ -347,7 +295,7 @@ def _check_name(value: Any, existing: Endpoint | None, session) -> str:
     name = _as_str(value)
     if existing is not None:
         if name and name != existing.name:
-            raise _Invalid("cannot be changed after creation; create a new endpoint instead")
+            raise _Invalid(f"cannot be changed after creation; {BY_NAME['name'].instead}")
         return existing.name
     if not name:
         raise _Invalid("is required: a DNS-style name such as my-model")
@@ -372,7 +320,9 @@ def _validate_routes_source(clean: dict, errors: dict, settings: Settings, sessi
     from common.routes import normalize_routes, validate_routes
 
     version_id = clean.get("model_version_id")
-    if clean.get("git_url") or not version_id:
+    if version_id and (clean.get("git_url") or clean.get("git_ref")):
+        errors.setdefault("git_url", "git_url: give either a model version or a git URL + ref, not both")
+    elif clean.get("git_url") or not version_id:
         if problem := git_url_error(clean.get("git_url", ""), settings.allow_file_git):
             either = "" if clean.get("git_url") else " (or choose a registered model version)"
             errors.setdefault("git_url", f"git_url: {problem}{either}")
@@ -416,12 +366,6 @@ def validate_spec(
         clean["name"] = _check_name(data.get("name"), existing, session)
     except _Invalid as exc:
         errors["name"] = f"name {exc}"
-    if existing is not None and "disk_gb" in data:
-        try:
-            if _as_int(data["disk_gb"], "a whole number") != existing.disk_gb:
-                errors["disk_gb"] = "disk_gb cannot be changed after creation; create a new endpoint for another disk size"
-        except _Invalid as exc:
-            errors["disk_gb"] = f"disk_gb {exc}"
 
     for field, check in FIELD_CHECKS.items():
         if field in errors:
@@ -439,8 +383,35 @@ def validate_spec(
     except _Invalid as exc:
         errors["env"] = f"env: {exc}"
 
+    if existing is not None:
+        for f in SPEC:
+            if f.edit == IMMUTABLE and f.name in data and f.name not in errors and f.name in clean \
+                    and clean[f.name] != getattr(existing, f.name):
+                errors[f.name] = immutable_message(f.name)
     _cross_checks(clean, errors, settings, inventory, session)
     return (clean if not errors else {}), errors
+
+
+def immutable_message(name: str) -> str:
+    return f"{name} cannot be changed after creation; {BY_NAME[name].instead}"
+
+
+def changes(existing: Endpoint, clean: dict) -> list[dict]:
+    """What a valid update would change, field by field, with each change's edit class."""
+    out = []
+    for f in SPEC:
+        if f.name in clean and clean[f.name] != getattr(existing, f.name):
+            out.append({"field": f.name, "edit": f.edit, "from": _public(f.name, getattr(existing, f.name)),
+                        "to": _public(f.name, clean[f.name])})
+    return out
+
+
+def _public(name: str, value: Any) -> Any:
+    """A value as shown in a diff: secret environment values masked."""
+    if name == "env":
+        return [{"key": i["key"], "value": None if i.get("secret") else i.get("value", ""),
+                 "secret": bool(i.get("secret"))} for i in value or []]
+    return value
 
 
 def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any, session=None) -> None:
@@ -475,13 +446,17 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
         _validate_routes_source(clean, errors, settings, session)
 
     gpu_count = clean.get("gpu_count")
+    if inventory is not None and clean.get("gpu_type"):
+        from workers.gpus import canonical_gpu_type
+
+        # One spelling, the host's: "t4" is stored as the inventory's "T4", which the GPU queue
+        # matches exactly.
+        clean["gpu_type"] = canonical_gpu_type(inventory, clean["gpu_type"])
     if clean.get("gpu_type") and gpu_count == 0:
         errors.setdefault("gpu_count", "gpu_count must be 1 or more when a gpu_type is chosen (or clear gpu_type)")
     if inventory is not None and gpu_count and "gpu_type" in clean:
-        try:
-            from workers.gpus import check_request_fits
-        except ImportError:
-            return
+        from workers.gpus import check_request_fits
+
         problem = check_request_fits(inventory, clean["gpu_type"], gpu_count)
         if problem:
             errors["gpu_count"] = problem

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
+from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -12,6 +13,7 @@ from webapp.drafts import drop_draft, load_draft, save_draft
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
 from webapp.routes_view import model_version_label, param_summary, route_examples
+from common.spec_fields import SPEC
 from webapp.spec import spec_of, validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -43,7 +45,28 @@ def when_filter(value) -> str:
 
 @bp.app_context_processor
 def template_globals():
-    return {"SECRET_MASK": SECRET_MASK, "param_summary": param_summary, "model_version_label": model_version_label}
+    return {"SECRET_MASK": SECRET_MASK, "param_summary": param_summary, "model_version_label": model_version_label,
+            "SPEC": SPEC, "spec_value": spec_value}
+
+
+def spec_value(decl, value) -> str:
+    """A spec field's value as the review and detail pages show it."""
+    if decl.kind == "bool":
+        return "yes" if value else "no"
+    if decl.kind == "choice":
+        return decl.choice_label(value or "")
+    if decl.kind == "ref":
+        return model_version_label(value) if value else "—"
+    if decl.form_unit and isinstance(value, (int, float)):
+        unit, scale = decl.form_unit
+        return f"{value / scale:g} {unit} ({value} s)"
+    if decl.name == "max_concurrency" and not value:
+        return "unlimited"
+    if decl.name == "health_path" and not value:
+        return "none: any HTTP answer below 500 on the port means ready"
+    if decl.kind == "text" and decl.name not in ("name", "description") and value:
+        return Markup("<code>{}</code>").format(value)  # commands, paths, URLs: as typed
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _normalized(clean: dict) -> dict:

@@ -33,6 +33,7 @@ from common.models import (
     Instance,
 )
 from common.routes import RUNTIME_HEALTH_PATH
+from common.spec_fields import LIFECYCLE, read_by
 from workers.backends.base import Backend, LaunchRefused, LaunchSpec
 from workflows.activity_types import (
     EndpointStatusUpdate,
@@ -132,13 +133,12 @@ class StandbyActivities:
             e = session.scalar(select(Endpoint).where(Endpoint.name == inp.name))
             if e is None:
                 return LifecycleSpec(name=inp.name, exists=False)
+            spec = {f.name: getattr(e, f.name) for f in read_by(LIFECYCLE)}
+            # Routes endpoints are served by the built-in runtime, which answers /ping once loaded.
+            if e.source_kind == "routes":
+                spec["health_path"] = RUNTIME_HEALTH_PATH
             return LifecycleSpec(
-                name=e.name, min_instances=e.min_instances, max_instances=e.max_instances,
-                idle_retention_seconds=e.idle_retention_seconds, startup_timeout_seconds=e.startup_timeout_seconds,
-                # Routes endpoints are served by the built-in runtime, which answers /ping once loaded.
-                health_path=RUNTIME_HEALTH_PATH if e.source_kind == "routes" else (e.health_path or ""),
-                health_interval_seconds=e.health_interval_seconds,
-                gpu_type=e.gpu_type or "", gpu_count=e.gpu_count,
+                **spec,
                 # One host today: its GPU pool is named after it and its activities use its queue.
                 pool=s.host, host_task_queue=s.host_task_queue,
                 purge_after_seconds=s.purge_after_seconds, stop_grace_seconds=s.stop_grace_seconds,

@@ -10,10 +10,10 @@ import shutil
 import subprocess
 
 from common.config import Settings
+from common.spec_fields import MAX_GPUS as MAX_GPUS_PER_INSTANCE
 
 Inventory = dict[str, list[int]]
 
-MAX_GPUS_PER_INSTANCE = 4
 _TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Words in marketing names that say nothing about which GPU it is.
 _VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "QUADRO"}
@@ -135,6 +135,12 @@ def check_request_fits(inventory: Inventory, gpu_type: str | None, gpu_count: in
         return (f"{gpu_count} x {matched} requested but the pool has only "
                 f"{len(inventory[matched])}; lower gpu_count or choose another type ({listing})")
     return None
+
+
+def canonical_gpu_type(inventory: Inventory, gpu_type: str) -> str:
+    """The inventory's own spelling of a type given in any case ("t4" -> "T4"); unknown types
+    are returned as given (check_request_fits says what is available)."""
+    return _match_type(inventory, gpu_type) or gpu_type.strip()
 
 
 def _match_type(inventory: Inventory, gpu_type: str) -> str | None:

@@ -5,35 +5,36 @@ names are the method names of `workers.activities.StandbyActivities`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
+
+from common.spec_fields import LIFECYCLE, python_type, read_by
 
 
-@dataclass
-class LifecycleSpec:
-    """The part of an endpoint's spec the lifecycle needs. Secrets never enter workflow history:
-    the provision activity reads environment values from the database itself."""
+def _lifecycle_spec_fields() -> list:
+    spec_fields = [(f.name, python_type(f), field(default_factory=list) if f.default == [] else field(default=f.default))
+                   for f in read_by(LIFECYCLE) if f.name != "name"]
+    platform = [
+        # The GPU pool (one per host) and that host's activity task queue.
+        ("pool", str, field(default="")),
+        ("host_task_queue", str, field(default="")),
+        ("purge_after_seconds", int, field(default=14 * 24 * 3600)),
+        ("stop_grace_seconds", float, field(default=10.0)),
+        # How long a draining instance waits after the proxy was told, so that requests routed
+        # from a stale proxy view still reach a live instance (one view refresh, plus the time a
+        # proxy takes to report a request that began after a quiet spell). Draining begins this
+        # long before the idle retention ends (lifecycle.idle_to_drain).
+        ("drain_grace_seconds", float, field(default=1.5)),
+        ("continue_as_new_events", int, field(default=2000)),
+        ("exists", bool, field(default=True)),
+    ]
+    return [("name", str)] + spec_fields + platform
 
-    name: str
-    min_instances: int = 0
-    max_instances: int = 1
-    idle_retention_seconds: int = 600
-    startup_timeout_seconds: int = 1200
-    health_path: str = ""
-    health_interval_seconds: int = 10
-    gpu_type: str = ""
-    gpu_count: int = 0
-    # The GPU pool (one per host) and that host's activity task queue.
-    pool: str = ""
-    host_task_queue: str = ""
-    purge_after_seconds: int = 14 * 24 * 3600
-    stop_grace_seconds: float = 10.0
-    # How long a draining instance waits after the proxy was told, so that requests routed
-    # from a stale proxy view still reach a live instance (one view refresh, plus the time a
-    # proxy takes to report a request that began after a quiet spell). Draining begins this long
-    # before the idle retention ends (lifecycle.idle_to_drain).
-    drain_grace_seconds: float = 1.5
-    continue_as_new_events: int = 2000
-    exists: bool = True
+
+# The part of an endpoint's spec the lifecycle needs: the fields whose declarations name the
+# lifecycle as a reader (common/spec_fields.py), and the platform's settings beside them. Secrets
+# never enter workflow history: the provision activity reads environment values from the database.
+LifecycleSpec = make_dataclass("LifecycleSpec", _lifecycle_spec_fields())
+LifecycleSpec.__module__ = __name__
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""Every field of an endpoint's spec, declared once (docs/architecture.md "One spec").
+
+A declaration says what a field is (its type and default), what it may hold (bounds, choices,
+length), how the UI shows it (label, help, section, the unit a form speaks), how it may change
+once the endpoint exists (its edit class) and which parts read it. Everything else derives from
+this table:
+
+- the database columns of `Endpoint` (`spec_columns`, common/models.py), so a new field is one
+  declaration plus one migration (`python app.py db revision --autogenerate`);
+- the validation and its messages, the same for the JSON API and the forms (webapp/spec.py);
+- the create/edit form's fields and the review page (webapp/forms.py, templates);
+- the OpenAPI schema of a spec (webapp/openapi.py);
+- the lifecycle's `LifecycleSpec` (workflows/activity_types.py) and the proxy's `EndpointView`
+  (proxy/routing_view.py): the fields their readers name.
+
+Edit classes, as an MLOps console states them: `live` changes reach running instances' routing
+and lifecycle within seconds; `restart` changes need a restart the user confirms; `immutable`
+fields are fixed at creation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+
+# Edit classes.
+LIVE, RESTART, IMMUTABLE = "live", "restart", "immutable"
+# Readers besides the web app (which reads every field).
+LIFECYCLE, PROXY, WORKER = "lifecycle", "proxy", "worker"
+# Kinds of value.
+TEXT, INT, FLOAT, BOOL, CHOICE, ENV, ROUTES, REF = "text", "int", "float", "bool", "choice", "env", "routes", "ref"
+
+DAY = 24 * 3600
+ENVIRONMENTS = ("development", "staging", "production")
+BALANCING = ("round_robin", "least_connections", "ip_hash", "random")
+SOURCE_KINDS = ("server", "routes")
+MAX_GPUS = 4
+
+
+@dataclass(frozen=True)
+class SpecField:
+    name: str
+    kind: str
+    default: Any
+    label: str
+    help: str = ""
+    edit: str = LIVE
+    readers: tuple[str, ...] = ()
+    section: str = "endpoint"
+    # Numbers: the range, and what the top of it is (said when a value is too large).
+    low: float | None = None
+    high: float | None = None
+    above_low: bool = False  # low itself excluded: "more than 0"
+    why: str = ""
+    # What a wrong type is told to be ("a whole number of seconds").
+    what: str = ""
+    choices: tuple[str, ...] = ()
+    choice_labels: tuple[str, ...] = ()  # as shown in the UI, in the order of `choices`
+    # A field of one kind of source only ("server" or "routes"): the UI shows it for that kind.
+    only_for: str = ""
+    # Text: its longest (the column's size where it has one), and whether it may span lines.
+    max_length: int | None = None
+    multiline: bool = False
+    # A form may show the value in another unit: ("minutes", 60) shows seconds / 60.
+    form_unit: tuple[str, int] | None = None
+    # Said when an immutable field is changed: what to do instead.
+    instead: str = ""
+    # Database column: the SQLAlchemy type, and a foreign key where the value names a row.
+    column: Any = None
+    foreign_key: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nullable(self) -> bool:
+        return self.default is None
+
+    def shown_in_form(self, value: Any) -> Any:
+        if self.form_unit and isinstance(value, (int, float)):
+            return value / self.form_unit[1]
+        return value
+
+    @property
+    def form_name(self) -> str:
+        """The form's field: a value shown in another unit gets that unit's name."""
+        if self.form_unit:
+            return self.name.removesuffix("_seconds") + "_" + self.form_unit[0]
+        return self.name
+
+    @property
+    def form_label(self) -> str:
+        return f"{self.label} ({self.form_unit[0]})" if self.form_unit else self.label
+
+    def choice_label(self, value: str) -> str:
+        if value in self.choices and self.choice_labels:
+            return self.choice_labels[self.choices.index(value)]
+        return value.replace("_", " ")
+
+
+def _text(name, default, label, max_length, column=None, **kw) -> SpecField:
+    return SpecField(name, TEXT, default, label, max_length=max_length,
+                     column=column if column is not None else String(max_length), **kw)
+
+
+def _int(name, default, label, low, high, why, **kw) -> SpecField:
+    return SpecField(name, INT, default, label, low=low, high=high, why=why, column=Integer, **kw)
+
+
+SPEC: tuple[SpecField, ...] = (
+    # ---- the endpoint ----
+    SpecField("name", TEXT, "", "Name", "Lowercase letters, digits and '-'; part of the URL; cannot be changed later.",
+              edit=IMMUTABLE, readers=(LIFECYCLE, PROXY, WORKER), max_length=63, column=String(63),
+              instead="create a new endpoint with the name you want", extra={"unique": True, "index": True}),
+    _text("description", "", "Description", 2000, column=Text, multiline=True,
+          help="What it serves, for the people who find it in the list."),
+    SpecField("environment", CHOICE, "development", "Environment", "A label for the list and its filters.",
+              choices=ENVIRONMENTS, column=String(32)),
+    # ---- the source ----
+    SpecField("source_kind", CHOICE, "server", "Source", "A server (command or image + port), or model code with "
+              "typed routes served by Standby's runtime.", edit=IMMUTABLE, readers=(LIFECYCLE, PROXY, WORKER),
+              section="source", choices=SOURCE_KINDS, column=String(16),
+              choice_labels=("Server (command + port)", "Routes (model code)"),
+              instead="create a new endpoint for another kind of source"),
+    _text("start_command", "", "Start command", 8192, column=Text, multiline=True, edit=RESTART, readers=(WORKER,),
+          section="source", only_for="server", help="The shell command that starts your server, as its tutorial writes it, "
+                                 "e.g. python -m http.server 8080."),
+    _text("image", "", "Container image", 255, edit=RESTART, readers=(WORKER,), section="source", only_for="server",
+          help="Only for the docker backend; leave empty for the process backend."),
+    _int("port", 8080, "Port", 1, 65535, "a TCP port", edit=RESTART, readers=(WORKER,), section="source",
+         only_for="server",
+         what="a port number", help="The port your server listens on. Each instance gets its own network "
+                                    "namespace, so many can use the same port; or write $PORT in the command to "
+                                    "get a free port instead."),
+    _text("source_dir", "", "Source directory", 4096, column=Text, edit=RESTART, readers=(WORKER,),
+          section="source", only_for="server", help="Optional; copied fresh into each instance's working directory."),
+    SpecField("env", ENV, [], "Environment variables", "KEY=value pairs given to every instance; secret ones "
+              "are never shown again.", edit=RESTART, readers=(WORKER,), section="source", column=JSON),
+    SpecField("model_version_id", REF, None, "Model version", "A version from the model registry, or leave this "
+              "and give a git URL.", edit=IMMUTABLE, readers=(WORKER,), section="source", only_for="routes",
+              low=1, high=2**31 - 1,
+              why="the range of an id", what="an id", column=Integer, foreign_key="model_versions.id",
+              instead="create a new endpoint for another model version"),
+    _text("git_url", "", "Git URL", 2048, column=Text, edit=RESTART, readers=(WORKER,), section="source",
+          only_for="routes",
+          help="Instead of a model version: cloned at each start."),
+    _text("git_ref", "", "Git ref", 255, edit=RESTART, readers=(WORKER,), section="source", only_for="routes",
+          help="Branch, tag or commit, e.g. main."),
+    SpecField("routes", ROUTES, [], "Routes", "HTTP verb + path -> file + function, with typed parameters.",
+              edit=RESTART, readers=(PROXY, WORKER), section="routes", only_for="routes", column=JSON),
+    # ---- resources ----
+    _text("gpu_type", "", "GPU type", 64, edit=RESTART, readers=(LIFECYCLE, WORKER), section="resources",
+          help="e.g. T4 or A100 (any case; stored as the host names it); empty for CPU only."),
+    _int("gpu_count", 0, "GPU count", 0, MAX_GPUS, "GPUs per instance", edit=RESTART, readers=(LIFECYCLE, WORKER),
+         section="resources"),
+    SpecField("cpu_cores", FLOAT, 1.0, "CPU cores", edit=RESTART, readers=(WORKER,), section="resources",
+              low=0, high=1024, above_low=True, why="cores of one host", column=Float),
+    SpecField("memory_gb", FLOAT, 1.0, "Memory (GB)", edit=RESTART, readers=(WORKER,), section="resources",
+              low=0, high=4096, above_low=True, why="4 TB, memory of one host", column=Float),
+    _int("disk_gb", 10, "Disk (GB)", 1, 65536, "64 TB", edit=IMMUTABLE, readers=(WORKER,), section="resources",
+         help="Cannot be changed later.", instead="create a new endpoint for another disk size"),
+    # ---- scaling ----
+    _int("min_instances", 0, "Min instances", 0, 100, "instances per endpoint", readers=(LIFECYCLE,),
+         section="scaling", help="Kept running even when idle."),
+    _int("max_instances", 1, "Max instances", 1, 100, "instances per endpoint", readers=(LIFECYCLE, PROXY),
+         section="scaling"),
+    _int("idle_retention_seconds", 600, "Idle retention", 1, 30 * DAY, "30 days", readers=(LIFECYCLE,),
+         section="scaling", what="a whole number of seconds", form_unit=("minutes", 60),
+         help="How long an instance is kept after its last request."),
+    _int("startup_timeout_seconds", 1200, "Startup timeout", 1, DAY, "1 day; the settings narrow it further",
+         readers=(LIFECYCLE, PROXY), section="scaling", what="a whole number of seconds", form_unit=("minutes", 60),
+         help="How long an instance may take to become ready."),
+    # ---- health ----
+    _text("health_path", "", "Health path", 255, readers=(LIFECYCLE,), section="health",
+          help="Empty: ready when the port answers HTTP (any status below 500). Set: ready when this path "
+               "answers 200, e.g. /health."),
+    _int("health_interval_seconds", 10, "Health-check interval (seconds)", 1, DAY, "1 day", readers=(LIFECYCLE,),
+         section="health", what="a whole number of seconds"),
+    # ---- traffic ----
+    SpecField("balancing", CHOICE, "round_robin", "Load balancing", readers=(PROXY,), section="traffic",
+              choices=BALANCING, column=String(32)),
+    _int("max_concurrency", 0, "Max concurrent requests per instance", 0, 100_000,
+         "requests in flight per instance; 0 means unlimited", readers=(PROXY,), section="traffic",
+         help="0 = unlimited."),
+    _int("hold_queue_size", 100, "Hold queue size", 1, 100_000, "requests held during a cold start",
+         readers=(PROXY,), section="traffic", help="Requests held during a cold start."),
+    SpecField("sticky_sessions", BOOL, False, "Sticky sessions", "Pins a client to an instance with a cookie.",
+              readers=(PROXY,), section="traffic", column=Boolean),
+)
+
+BY_NAME: dict[str, SpecField] = {f.name: f for f in SPEC}
+SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in SPEC)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in SPEC if f.name != "name"}
+EDIT_CLASSES = (LIVE, RESTART, IMMUTABLE)
+SECTIONS = ("endpoint", "source", "routes", "resources", "scaling", "health", "traffic")
+
+
+def read_by(reader: str) -> tuple[SpecField, ...]:
+    return tuple(f for f in SPEC if reader in f.readers)
+
+
+def fields_of(edit: str) -> tuple[str, ...]:
+    return tuple(f.name for f in SPEC if f.edit == edit)
+
+
+def python_type(spec_field: SpecField) -> type:
+    return {TEXT: str, CHOICE: str, INT: int, FLOAT: float, BOOL: bool, ENV: list, ROUTES: list}.get(
+        spec_field.kind, object) if spec_field.kind != REF else int
+
+
+def spec_columns() -> dict[str, Any]:
+    """The `Endpoint` model's spec columns, by field name (a mixin's namespace)."""
+    from sqlalchemy.orm import declared_attr, mapped_column
+
+    columns: dict[str, Any] = {}
+    for f in SPEC:
+        default = f.default
+        options = dict(nullable=f.nullable, **f.extra)
+        if default is not None:
+            options["default"] = list if default == [] else default
+        if f.foreign_key:
+            # A foreign key on a mixin must be made per mapped class.
+            columns[f.name] = declared_attr(
+                lambda cls, f=f, options=options: mapped_column(f.column, ForeignKey(f.foreign_key), **options))
+        else:
+            columns[f.name] = mapped_column(f.column, **options)
+    return columns
