@@ -13,18 +13,18 @@ from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
     ACTIONS,
     action_refusal,
+    apply_update,
     create_endpoint_row,
     endpoint_json,
     endpoint_logs,
     event_json,
     get_endpoint,
     instance_json,
-    notify_spec_changed,
     parse_line_count,
     perform_action,
     previous_still_finishing,
     recent_events,
-    update_endpoint_row,
+    restart_message,
 )
 from workflows.contracts import ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED
 
@@ -108,7 +108,9 @@ def show_endpoint(name: str):
 
 @bp.patch("/endpoints/<name>")
 def update_endpoint(name: str):
-    """Change mutable spec fields and tell the workflow."""
+    """Change spec fields by their edit class: live ones at once (the workflow is told and the
+    running instances follow), restart-class ones with ?restart=true while instances run
+    (409 saying so otherwise), immutable ones never (400 naming them)."""
     endpoint = get_endpoint(name)
     if endpoint.status in (TERMINATED, FAILED):
         return error(409, action_refusal(endpoint, "edit") or f"endpoint {name!r} is {endpoint.status}")
@@ -118,13 +120,13 @@ def update_endpoint(name: str):
     clean, errors = validate_spec(body, existing=endpoint, inventory=gpu_inventory(), settings=settings(), session=db.session)
     if errors:
         return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
-    changed = update_endpoint_row(endpoint, clean)
-    if changed:
-        try:
-            notify_spec_changed(endpoint, changed)
-        except (TemporalUnavailable, WorkflowActionError) as exc:
-            return workflow_error(exc, endpoint)
-    return endpoint_json(endpoint)
+    outcome = apply_update(endpoint, clean, restart=request.args.get("restart", "").lower() in ("1", "true", "yes"))
+    if outcome.needs_restart:
+        return error(409, restart_message(outcome.needs_restart), {f: restart_message([f]) for f in outcome.needs_restart},
+                     **outcome.json())
+    if outcome.unnotified:  # saved, but the running instances do not know yet: say so
+        return error(503, outcome.unnotified, endpoint=endpoint_json(endpoint), **outcome.json())
+    return {**endpoint_json(endpoint), **outcome.json()}
 
 
 @bp.post("/endpoints/<name>/<action>")

@@ -169,6 +169,14 @@ class _EndpointFormBase(FlaskForm):
         self.env_plain.data = "\n".join(f"{i['key']}={i.get('value', '')}" for i in env if not i.get("secret"))
         self.env_secret.data = "\n".join(f"{i['key']}={SECRET_MASK}" for i in env if i.get("secret"))
 
+    def keep_immutable(self, spec: dict) -> None:
+        """Show the stored values of the fields that cannot change (their inputs are disabled, so
+        a submitted edit form does not carry them)."""
+        for f in SPEC:
+            if f.edit == IMMUTABLE and f.kind not in (ENV, ROUTES):
+                value = spec.get(f.name)
+                getattr(self, f.form_name).data = "" if value is None else _plain(f.shown_in_form(value))
+
     def apply_spec_errors(self, errors: dict[str, str]) -> list[str]:
         """Attach spec errors to their fields; returns those with no field (shown on top)."""
         general = []

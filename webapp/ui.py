@@ -19,15 +19,14 @@ from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
     SECRET_MASK,
     action_refusal,
+    apply_update,
     create_endpoint_row,
     endpoint_url,
     get_endpoint,
     iso,
-    notify_spec_changed,
     perform_action,
     previous_still_finishing,
     recent_events,
-    update_endpoint_row,
 )
 from workflows.contracts import ERR_REPLICA_QUOTA
 
@@ -229,18 +228,44 @@ def edit_endpoint(name: str):
     clean, errors = _validate(form, endpoint)
     if errors:
         general = form.apply_spec_errors(errors)
-        form.name.data, form.disk_gb.data = endpoint.name, str(endpoint.disk_gb)
+        form.keep_immutable(spec_of(endpoint))  # disabled inputs are not submitted
         return render_template("form.html", form=form, editing=endpoint, general=general), 400
-    changed = update_endpoint_row(endpoint, clean)
-    if not changed:
+    outcome = apply_update(endpoint, clean)
+    if outcome.needs_restart:
+        # Restart-class changes while instances run: the user confirms the restart first.
+        token = save_draft(settings().data_dir, clean)
+        return render_template("edit_confirm.html", endpoint=endpoint, outcome=outcome, draft=token,
+                               confirm=ConfirmForm(formdata=None, draft=token))
+    return _after_update(endpoint, outcome)
+
+
+@bp.post("/endpoints/<name>/edit/confirm")
+def confirm_edit(name: str):
+    """Save the reviewed restart-class changes and restart the instances."""
+    endpoint = get_endpoint(name)
+    confirm = ConfirmForm()
+    draft = load_draft(settings().data_dir, confirm.draft.data)
+    if draft is None:
+        flash("That edit has expired; please make it again.", "error")
+        return redirect(url_for("ui.edit_endpoint", name=name))
+    drop_draft(settings().data_dir, confirm.draft.data)
+    clean, errors = validate_spec(draft, existing=endpoint, inventory=gpu_inventory(), settings=settings(),
+                                  session=db.session)
+    if errors:
+        flash("The endpoint changed meanwhile: " + "; ".join(errors.values()), "error")
+        return redirect(url_for("ui.edit_endpoint", name=name))
+    return _after_update(endpoint, apply_update(endpoint, clean, restart=True))
+
+
+def _after_update(endpoint: Endpoint, outcome):
+    if not outcome.changes:
         flash("Nothing changed.", "ok")
-        return redirect(url_for("ui.show_endpoint", name=name))
-    try:
-        notify_spec_changed(endpoint, changed)
-        flash(f"Saved: {', '.join(changed)}.", "ok")
-    except (TemporalUnavailable, WorkflowActionError) as exc:
-        flash(f"Saved ({', '.join(changed)}), but the workflow was not told: {exc}.", "error")
-    return redirect(url_for("ui.show_endpoint", name=name))
+    elif outcome.unnotified:
+        flash(f"Saved ({', '.join(c['field'] for c in outcome.changes)}), {outcome.unnotified}.", "error")
+    else:
+        flash(f"Saved: {', '.join(c['field'] for c in outcome.changes)}"
+              + ("; the instances are restarting." if outcome.restarted else "."), "ok")
+    return redirect(url_for("ui.show_endpoint", name=endpoint.name))
 
 
 @bp.post("/endpoints/<name>/action/<action>")

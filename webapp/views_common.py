@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +20,7 @@ from common.models import (
     Instance,
 )
 from webapp.extensions import bridge, db, settings
+from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.spec import SPEC_FIELDS
 from workflows.contracts import (
     SIGNAL_RESTART,
@@ -244,20 +246,79 @@ def create_endpoint_row(clean: dict) -> Endpoint:
 
 
 def update_endpoint_row(endpoint: Endpoint, clean: dict) -> list[str]:
-    """Write changed spec fields; returns their names."""
+    """Write changed spec fields; returns their names. Immutable fields are never written."""
     from common.models import utcnow
+    from common.spec_fields import IMMUTABLE, fields_of
 
+    immutable = set(fields_of(IMMUTABLE))
     changed = []
-    for field, value in clean.items():
-        if field in ("name", "disk_gb"):
+    for name, value in clean.items():
+        if name in immutable:
             continue
-        if getattr(endpoint, field) != value:
-            setattr(endpoint, field, value)
-            changed.append(field)
+        if getattr(endpoint, name) != value:
+            setattr(endpoint, name, value)
+            changed.append(name)
     if changed:
         endpoint.spec_updated_at = utcnow()
     db.session.commit()
     return changed
+
+
+@dataclass
+class UpdateOutcome:
+    """What an update of a spec did (README "Changing an endpoint")."""
+
+    changes: list[dict] = field(default_factory=list)  # {"field", "edit", "from", "to"}
+    # Fields whose change needs a restart, while instances run: not saved unless restart=True.
+    needs_restart: list[str] = field(default_factory=list)
+    saved: bool = False
+    restarted: bool = False
+    # Saved, but Temporal could not be told (the next action tells it): the reason.
+    unnotified: str = ""
+
+    def json(self) -> dict:
+        return {"changes": self.changes, "restart_required": self.needs_restart, "saved": self.saved,
+                "restarted": self.restarted, **({"warning": self.unnotified} if self.unnotified else {})}
+
+
+def has_live_instances(endpoint: Endpoint) -> bool:
+    from common.models import INSTANCE_LIVE_STATES
+
+    return any(i.status in INSTANCE_LIVE_STATES for i in endpoint.instances)
+
+
+def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False) -> UpdateOutcome:
+    """Save a validated spec over `endpoint`, by edit class: live changes are saved and reach the
+    running instances through the workflow (spec_changed); restart-class changes, while
+    instances run, are saved only with `restart`, which then restarts them; with nothing running
+    every change is simply saved (the next instance starts from it)."""
+    from common.spec_fields import RESTART
+    from webapp.spec import changes
+
+    outcome = UpdateOutcome(changes=changes(endpoint, clean))
+    if not outcome.changes:
+        return outcome
+    running = has_live_instances(endpoint)
+    restart_fields = [c["field"] for c in outcome.changes if c["edit"] == RESTART]
+    if restart_fields and running and not restart:
+        outcome.needs_restart = restart_fields
+        return outcome
+    changed = update_endpoint_row(endpoint, clean)
+    outcome.saved = True
+    try:
+        notify_spec_changed(endpoint, changed)
+        if restart_fields and running:
+            perform_action(endpoint, "restart")
+            outcome.restarted = True
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        outcome.unnotified = f"saved, but the endpoint's workflow was not told ({exc}); any later action tells it"
+    return outcome
+
+
+def restart_message(fields: list[str]) -> str:
+    return (f"{', '.join(fields)} {'needs' if len(fields) == 1 else 'need'} a restart of the running instances "
+            "to take effect; send the change again with ?restart=true (or confirm it in the UI) to save it and "
+            "restart them")
 
 
 def notify_spec_changed(endpoint: Endpoint, changed: list[str]) -> None:

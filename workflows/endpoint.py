@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.instance import (
         SIGNAL_INSTANCE_CHANGED,
         SIGNAL_RELEASE,
+        SIGNAL_SPEC_UPDATED,
         InstanceChange,
         InstanceInput,
         ReleaseRequest,
@@ -64,6 +65,9 @@ DB_WRITE = dict(
     retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)),
 )
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+MAX_TIMER_SECONDS = 366 * 24 * 3600.0
+# workflow.patched ids: changes of behaviour that running histories must replay without.
+PATCH_SPEC_TO_INSTANCES = "spec-to-instances"
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -90,6 +94,10 @@ class EndpointWorkflow:
                 return "missing"
             self.state = lc.EndpointState(spec=spec)
             await self._event("created", f"endpoint {self.name} created")
+            problems = lc.spec_problems(spec)
+            if problems:
+                self.state.desired = lc.WANT_FAILED
+                self.state.failure_reason = "spec refused: " + "; ".join(problems)
             for handler, arg in self._early:
                 handler(arg)
             self._early.clear()
@@ -102,7 +110,8 @@ class EndpointWorkflow:
                     "purge_endpoint", PurgeInput(self.name, state.failure_reason or "terminated"), **DB_WRITE)
                 return "terminated"
             deadline = self._next_deadline()
-            timeout = None if deadline is None else max(0.05, deadline - self._now())
+            # Bounded, whatever a spec says: a timer past MAX_TIMER_SECONDS is just looked at again.
+            timeout = None if deadline is None else min(MAX_TIMER_SECONDS, max(0.05, deadline - self._now()))
             try:
                 await workflow.wait_condition(lambda: self._dirty,
                                               timeout=None if timeout is None else timedelta(seconds=timeout))
@@ -128,8 +137,13 @@ class EndpointWorkflow:
             state.spec_reload_pending = False
             spec = await workflow.execute_local_activity(
                 "load_lifecycle_spec", LoadSpecInput(self.name), result_type=LifecycleSpec, **DB_WRITE)
-            if spec.exists:
+            problems = lc.spec_problems(spec) if spec.exists else []
+            if problems:
+                await self._event("spec_refused", "spec change refused, the previous one stays: " + "; ".join(problems))
+            elif spec.exists:
                 state.spec = spec
+                if workflow.patched(PATCH_SPEC_TO_INSTANCES):
+                    await self._tell_instances(spec)
 
         if state.desired != lc.SERVING:
             for view in lc.live(state):
@@ -166,6 +180,18 @@ class EndpointWorkflow:
             await self._event(kind, message)
         await self._publish()
         lc.prune(state, now)
+
+    async def _tell_instances(self, spec: LifecycleSpec) -> None:
+        """Live changes (health checks, timeouts) reach the running instances' workflows now,
+        not only the next instance (docs/architecture.md "One spec")."""
+        for view in lc.live(self.state):
+            if view.status == lc.I_NEW or view.release_sent:
+                continue
+            try:
+                await workflow.get_external_workflow_handle(instance_workflow_id(self.name, view.id)).signal(
+                    SIGNAL_SPEC_UPDATED, spec)
+            except Exception as err:  # it ended meanwhile: its last report is on its way
+                workflow.logger.warning("could not tell %s of the new spec: %s", view.id, err)
 
     def _next_deadline(self) -> float | None:
         state, now = self.state, self._now()

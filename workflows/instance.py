@@ -11,6 +11,7 @@ instance; parent and child talk by workflow id.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,9 +41,11 @@ with workflow.unsafe.imports_passed_through():
         StopInstanceInput,
     )
     from workflows.contracts import SIGNAL_PROCESS_EXITED
+    from workflows.lifecycle import live_spec_fields
     from workflows.gpu_pool import SIGNAL_GRANTED
 
 SIGNAL_RELEASE = "release"
+SIGNAL_SPEC_UPDATED = "spec_updated"  # from the parent: the endpoint's spec changed
 SIGNAL_INSTANCE_CHANGED = "instance_changed"  # sent to the parent endpoint workflow
 
 # Database writes run as local activities: no task-queue round trip, so a wake costs tens of
@@ -111,6 +114,13 @@ class InstanceWorkflow:
         health interval (workers/exit_watch.py)."""
         self._exited = True
 
+    @workflow.signal(name=SIGNAL_SPEC_UPDATED)
+    def spec_updated(self, spec: LifecycleSpec) -> None:
+        """The endpoint's live spec fields changed (health path and interval, timeouts): the
+        serving loop uses them from its next turn."""
+        self.inp.spec = dataclasses.replace(self.inp.spec, **{name: getattr(spec, name)
+                                                              for name in live_spec_fields()})
+
     @workflow.signal(name=SIGNAL_RELEASE)
     def release(self, req: ReleaseRequest | None = None) -> None:
         if self.release_reason is None:
@@ -172,8 +182,8 @@ class InstanceWorkflow:
         return await self._serve(ServingState(started.address, self.gpus, ready_at, spec.host_task_queue))
 
     async def _serve(self, serving: ServingState) -> str:
-        spec = self.inp.spec
         while True:
+            spec = self.inp.spec  # live changes land here (spec_updated)
             await self._wait(lambda: self.release_reason is not None or self._exited, spec.health_interval_seconds)
             self._exited = False
             if self.release_reason is not None:

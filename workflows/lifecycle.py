@@ -5,6 +5,7 @@ which status to show, how many instances to start, which idle instance to drain,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from common.models import (
@@ -25,6 +26,8 @@ from common.models import (
     STOPPING,
 
 )
+from common.spec_fields import BY_NAME, LIFECYCLE, read_by
+from common.spec_fields import LIVE as LIVE_EDIT
 from workflows.activity_types import LifecycleSpec
 from workflows.traffic_types import TrafficReport
 
@@ -38,6 +41,33 @@ TERMINAL = (I_STOPPED, I_FAILED)
 # A proxy process that has not reported for this long is presumed gone: its in-flight figures
 # no longer hold an instance (proxies re-report every few seconds while requests are in flight).
 STALE_REPORT_SECONDS = 60.0
+
+
+def spec_problems(spec: LifecycleSpec) -> list[str]:
+    """What is wrong with a spec the lifecycle was handed, field by field, against the bounds
+    declared for it (common/spec_fields.py). The web app refuses such specs already; this is the
+    workflow's own check, so that a bad row (written by hand, by an older release) can never make
+    it fail its task on an impossible timer: it refuses the spec instead."""
+    problems = []
+    for name, decl in BY_NAME.items():
+        if decl.low is None or not hasattr(spec, name):
+            continue
+        value = getattr(spec, name)
+        if value is None and decl.nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < decl.low or value > decl.high or (decl.above_low and value <= decl.low):
+            problems.append(f"{name} must be between {_plain(decl.low)} and {_plain(decl.high)}, got {value!r}")
+    return problems
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def live_spec_fields() -> tuple[str, ...]:
+    """Spec fields an instance's workflow takes from a changed spec while it runs."""
+    return tuple(f.name for f in read_by(LIFECYCLE) if f.edit == LIVE_EDIT)
 
 
 @dataclass
