@@ -164,3 +164,32 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
+
+
+# Host states (docs/architecture.md "Hosts and pools"): `up` takes new instances, `draining` keeps
+# its instances but takes no new ones, `down` stopped heart-beating (its instances are lost).
+HOST_UP, HOST_DRAINING, HOST_DOWN = "up", "draining", "down"
+
+
+class Host(Base):
+    """A machine running a Standby worker. Its facts (GPUs, CPU, memory, disk, heartbeat) are
+    written by its own worker; its state by the pool workflow's activities."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(63), index=True, default="default")
+    task_queue: Mapped[str] = mapped_column(String(255), default="")
+    advertise_address: Mapped[str] = mapped_column(String(255), default="")
+    backend: Mapped[str] = mapped_column(String(16), default="process")
+    # Network namespaces for fixed-port commands: "net", "user+net" or "" (workers/ports.py).
+    netns: Mapped[str] = mapped_column(String(16), default="")
+    # [{"type": "T4", "index": 0, "memory_mb": 15360}, ...]
+    gpus: Mapped[list] = mapped_column(JSON, default=list)
+    cpu_cores: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    disk_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(16), default=HOST_UP)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)

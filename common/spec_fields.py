@@ -30,12 +30,16 @@ LIVE, RESTART, IMMUTABLE = "live", "restart", "immutable"
 LIFECYCLE, PROXY, WORKER = "lifecycle", "proxy", "worker"
 # Kinds of value.
 TEXT, INT, FLOAT, BOOL, CHOICE, ENV, ROUTES, REF = "text", "int", "float", "bool", "choice", "env", "routes", "ref"
+NAMES = "names"  # a short list of names (pools)
 
 DAY = 24 * 3600
 ENVIRONMENTS = ("development", "staging", "production")
 BALANCING = ("round_robin", "least_connections", "ip_hash", "random")
 SOURCE_KINDS = ("server", "routes")
 MAX_GPUS = 4
+DEFAULT_POOL = "default"
+# An endpoint spreads over at most this many pools (instances split evenly between them).
+MAX_POOLS = 2
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,10 @@ SPEC: tuple[SpecField, ...] = (
               low=0, high=4096, above_low=True, why="4 TB, memory of one host", column=Float),
     _int("disk_gb", 10, "Disk (GB)", 1, 65536, "64 TB", edit=IMMUTABLE, readers=(WORKER,), section="resources",
          help="Cannot be changed later.", instead="create a new endpoint for another disk size"),
+    SpecField("pools", NAMES, [DEFAULT_POOL], "Pools", "The resource pool (group of GPU hosts) its instances run "
+              "in; two pools, comma-separated, split the instances evenly between them, so one pool's failure "
+              "leaves the endpoint serving.", edit=RESTART, readers=(LIFECYCLE,), section="resources",
+              high=MAX_POOLS, max_length=63, column=JSON),
     # ---- scaling ----
     _int("min_instances", 0, "Min instances", 0, 100, "instances per endpoint", readers=(LIFECYCLE,),
          section="scaling", help="Kept running even when idle."),
@@ -203,8 +211,16 @@ def fields_of(edit: str) -> tuple[str, ...]:
 
 
 def python_type(spec_field: SpecField) -> type:
-    return {TEXT: str, CHOICE: str, INT: int, FLOAT: float, BOOL: bool, ENV: list, ROUTES: list}.get(
+    return {TEXT: str, CHOICE: str, INT: int, FLOAT: float, BOOL: bool, ENV: list, ROUTES: list, NAMES: list}.get(
         spec_field.kind, object) if spec_field.kind != REF else int
+
+
+def _fresh_list(items: list):
+    """A column default that gives each row its own copy of a list."""
+    def make() -> list:
+        return list(items)
+
+    return make
 
 
 def spec_columns() -> dict[str, Any]:
@@ -216,7 +232,7 @@ def spec_columns() -> dict[str, Any]:
         default = f.default
         options = dict(nullable=f.nullable, **f.extra)
         if default is not None:
-            options["default"] = list if default == [] else default
+            options["default"] = _fresh_list(default) if isinstance(default, list) else default
         if f.foreign_key:
             # A foreign key on a mixin must be made per mapped class.
             columns[f.name] = declared_attr(

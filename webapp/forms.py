@@ -18,7 +18,19 @@ from wtforms import BooleanField, HiddenField, SelectField, StringField, TextAre
 from wtforms.fields.choices import SelectChoice
 
 from common import strict_json
-from common.spec_fields import BOOL, CHOICE, ENV, IMMUTABLE, REF, RESTART, ROUTES, SECTIONS, SPEC, SpecField
+from common.spec_fields import (
+    BOOL,
+    CHOICE,
+    ENV,
+    IMMUTABLE,
+    NAMES,
+    REF,
+    RESTART,
+    ROUTES,
+    SECTIONS,
+    SPEC,
+    SpecField,
+)
 from webapp.registry import version_choices
 from webapp.views_common import SECRET_MASK
 
@@ -38,7 +50,7 @@ def _form_field(f: SpecField):
                            default=f.default, validate_choice=False, description=f.help)
     if f.kind == REF:  # choices: the registered versions, filled per request
         return SelectField(f.form_label, validate_choice=False, description=f.help)
-    default = "" if f.default is None else _plain(f.shown_in_form(f.default))
+    default = "" if f.default is None else _shown(f, f.default)
     if f.multiline:
         return TextAreaField(f.form_label, default=default, description=f.help)
     return StringField(f.form_label, default=default, description=f.help)
@@ -163,7 +175,7 @@ class _EndpointFormBase(FlaskForm):
             if f.kind == BOOL:
                 getattr(self, f.form_name).data = bool(value)
             else:
-                getattr(self, f.form_name).data = "" if value is None else _plain(f.shown_in_form(value))
+                getattr(self, f.form_name).data = "" if value is None else _shown(f, value)
         self.routes_json.data = strict_json.dumps(spec.get("routes") or [], indent=2)
         env = spec.get("env") or []
         self.env_plain.data = "\n".join(f"{i['key']}={i.get('value', '')}" for i in env if not i.get("secret"))
@@ -175,7 +187,7 @@ class _EndpointFormBase(FlaskForm):
         for f in SPEC:
             if f.edit == IMMUTABLE and f.kind not in (ENV, ROUTES):
                 value = spec.get(f.name)
-                getattr(self, f.form_name).data = "" if value is None else _plain(f.shown_in_form(value))
+                getattr(self, f.form_name).data = "" if value is None else _shown(f, value)
 
     def apply_spec_errors(self, errors: dict[str, str]) -> list[str]:
         """Attach spec errors to their fields; returns those with no field (shown on top)."""
@@ -208,6 +220,13 @@ class ApiKeyForm(FlaskForm):
 
 class ActionForm(FlaskForm):
     """Buttons (stop, restart, wake, scale-out, revoke): only the CSRF token."""
+
+
+def _shown(f: SpecField, value) -> str:
+    """A spec value as the form's text: in the form's unit, a list of names comma-separated."""
+    if f.kind == NAMES:
+        return ", ".join(value or ())
+    return _plain(f.shown_in_form(value))
 
 
 def _plain(value) -> str:

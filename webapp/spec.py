@@ -23,6 +23,7 @@ from common.spec_fields import (  # noqa: F401 (DEFAULTS, SPEC_FIELDS: re-export
     FLOAT,
     IMMUTABLE,
     INT,
+    NAMES,
     REF,
     ROUTES,
     SPEC,
@@ -224,7 +225,32 @@ def _routes(value: Any) -> list:
 _CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir}
 
 
+def _names(f) -> Callable[[Any], list]:
+    """A short list of names (pools): a JSON list, or the form's comma-separated text."""
+    def check(value: Any) -> list:
+        if isinstance(value, str):
+            value = [part for part in (p.strip() for p in value.split(",")) if part]
+        items = _list(value)
+        if not items:
+            return list(f.default)
+        if len(items) > f.high:
+            raise _Invalid(f"may name at most {int(f.high)}, got {len(items)}")
+        names = []
+        for item in items:
+            name = _as_str(item)
+            if not name or len(name) > f.max_length or not NAME_RE.match(name):
+                raise _Invalid(f"must be names of lowercase letters, digits or '-' (e.g. default), got {_shown(item)}")
+            if name in names:
+                raise _Invalid(f"names {name!r} twice")
+            names.append(name)
+        return names
+
+    return check
+
+
 def _check_for(f) -> Callable[[Any], Any] | None:
+    if f.kind == NAMES:
+        return _names(f)
     if f.kind == TEXT:
         return _text(f.name, _CONTENT.get(f.name))
     if f.kind == CHOICE:

@@ -56,6 +56,8 @@ def spec_value(decl, value) -> str:
         return decl.choice_label(value or "")
     if decl.kind == "ref":
         return model_version_label(value) if value else "—"
+    if decl.kind == "names":
+        return ", ".join(value or ())
     if decl.form_unit and isinstance(value, (int, float)):
         unit, scale = decl.form_unit
         return f"{value / scale:g} {unit} ({value} s)"

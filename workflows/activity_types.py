@@ -11,7 +11,8 @@ from common.spec_fields import LIFECYCLE, python_type, read_by
 
 
 def _lifecycle_spec_fields() -> list:
-    spec_fields = [(f.name, python_type(f), field(default_factory=list) if f.default == [] else field(default=f.default))
+    spec_fields = [(f.name, python_type(f), field(default_factory=lambda d=f.default: list(d))
+                    if isinstance(f.default, list) else field(default=f.default))
                    for f in read_by(LIFECYCLE) if f.name != "name"]
     platform = [
         # The GPU pool (one per host) and that host's activity task queue.
