@@ -107,19 +107,14 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, request_guard, ui
+    from webapp import api, registry, request_guard, ui
 
     request_guard.install(app, api_error)
 
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # API clients send JSON, not forms; CSRF protects the cookie-based UI
-    try:
-        from webapp.registry import bp as registry_bp  # model registry (issue 4), when present
-    except ImportError:
-        registry_bp = None
-    if registry_bp is not None:
-        app.register_blueprint(registry_bp)
+    app.register_blueprint(registry.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
