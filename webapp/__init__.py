@@ -17,8 +17,8 @@ from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 from common import strict_json
 from common.config import Settings, load_settings
 from common.db import engine_options, install_sqlite_pragmas
+from common.temporal_bridge import TemporalBridge
 from webapp.extensions import db
-from webapp.temporal_bridge import TemporalBridge
 
 csrf = CSRFProtect()
 # JSON bodies (specs with routes, keys, models) are a few KB; 1 MiB is generous. The registry's
