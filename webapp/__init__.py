@@ -1,7 +1,7 @@
 """The Standby web app: UI (server-rendered) and JSON API over the endpoint specs.
 
 The web app writes only the spec (and API keys) and talks to Temporal; worker activities
-write observed state (DESIGN.md "Who owns what").
+write observed state (docs/architecture.md "Who owns what").
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ class StrictJSONProvider(DefaultJSONProvider):
     """Standard JSON only (common/strict_json.py): request bodies with NaN, ±Infinity or deep
     nesting are refused, and an answer can never carry NaN / Infinity."""
 
-    sort_keys = False  # keep spec fields in DESIGN.md order
+    # Spec fields keep their declared order (docs/architecture.md "The JSON API").
+    sort_keys = False
 
     def dumps(self, obj, **kwargs):
         kwargs["allow_nan"] = False

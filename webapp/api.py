@@ -1,4 +1,6 @@
-"""JSON API under /api/v1 (DESIGN.md "The JSON API"). Errors are JSON: {"error": ..., "errors": {...}}."""
+"""JSON API under /api/v1 (docs/architecture.md "The JSON API").
+
+Errors are JSON: {"error": ..., "errors": {...}}."""
 from __future__ import annotations
 
 from flask import Blueprint, request
