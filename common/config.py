@@ -1,6 +1,7 @@
 """One typed configuration object, loaded from the environment, shared by every process.
 
-The variable names in DESIGN.md are a contract with ops scripts: add names, rename none.
+The variable names are a contract with ops scripts (docs/architecture.md "Configuration"): add
+names, rename none.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ class Settings:
     proxy_max_body_bytes: int = 1024 * 1024 * 1024
     proxy_hold_queue_size: int = 100
     # One process: every figure the proxy decides by (in-flight per instance, round-robin turn,
-    # the hold queue) is then one truth for the whole endpoint (README "The proxy").
+    # the hold queue) is then one truth for the whole endpoint (docs/architecture.md, "The proxy
+    # contract").
     proxy_workers: int = 1
     # A client that stops sending its request body for this long gets 408.
     proxy_body_timeout_seconds: float = 60.0

@@ -1,6 +1,6 @@
 """`app.py up`'s supervisor: start every part, restart one that dies, stop all on Ctrl-C.
 
-Like an init system (README "Running it"):
+Like an init system (docs/architecture.md "Crash survival"):
 - parts start in order, each waiting until the one before answers (Temporal before the worker);
 - a part that cannot start at all (it exits before it ever answered: a missing dependency, a port
   in use) is named, everything stops and `up` exits 1;

@@ -1,7 +1,7 @@
 """WSGI entry of the proxy: `application` for gunicorn, `make_app(settings)` for everything else.
 
 The chain is assembled here, once per worker process: routing view (DB cache) -> balancer and
-cold-start holding -> forwarder, with the traffic reporter and the Temporal bridge beside them.
+cold-start holding -> forwarder, with the traffic reporter and the lifecycle client beside them.
 Background greenlets (view refresh, traffic reports) start on the first request, i.e. inside
 the gevent worker after gunicorn has monkey patched it.
 """
@@ -18,7 +18,7 @@ from proxy.forward import Forwarder
 from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics, render
 from proxy.routing_view import RoutingView
-from proxy.temporal_bridge import TemporalBridge
+from proxy.lifecycle_client import LifecycleClient
 from proxy.traffic import ReporterSlot, TrafficTracker
 
 log = logging.getLogger("standby.proxy")
@@ -30,9 +30,9 @@ class ProxyApp:
     def __init__(self, settings: Settings, keepalive_seconds: float | None = None):
         self.settings = settings
         self.routing = RoutingView(Database(settings.database_url), settings.proxy_refresh_seconds)
-        self.bridge = TemporalBridge(settings.temporal_target, settings.temporal_namespace)
+        self.lifecycle = LifecycleClient(settings)
         self.tracker = TrafficTracker(
-            self.bridge.send_traffic,
+            self.lifecycle.send_traffic,
             debounce_seconds=settings.traffic_debounce_seconds,
             periodic_seconds=settings.traffic_periodic_seconds,
             slot=ReporterSlot(settings.data_dir / "proxy-reporters", settings.proxy_port),
@@ -40,7 +40,7 @@ class ProxyApp:
         self.metrics = Metrics()
         self.tracker.on_in_flight = self.metrics.in_flight
         self.balancer = Balancer(self.tracker.in_flight)
-        self.coldstarts = ColdStarts(self.bridge, self.routing, self.balancer, self.tracker, self.metrics,
+        self.coldstarts = ColdStarts(self.lifecycle, self.routing, self.balancer, self.tracker, self.metrics,
                                      outage_grace_seconds=settings.proxy_lifecycle_outage_seconds)
         self.forwarder = Forwarder(connect_timeout=settings.proxy_connect_timeout_seconds)
         self.handler = ProxyHandler(
@@ -65,8 +65,7 @@ class ProxyApp:
         self.routing.refresh()
         gevent.spawn(self.routing.run_forever)
         gevent.spawn(self.tracker.run_forever)
-        self.bridge.start()
-        self.bridge.connect_soon()
+        self.lifecycle.start()
         healed = self.tracker.heal()
         if healed:
             log.warning("took over the reports of a proxy process that died: %d endpoint(s) had requests in "

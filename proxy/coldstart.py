@@ -24,7 +24,7 @@ from gevent.event import AsyncResult, Event
 from proxy.balancer import Balancer
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, InstanceView, RoutingView
-from proxy.temporal_bridge import ERR_REPLICA_QUOTA, ERR_TIMEOUT, ERR_UNAVAILABLE, LifecycleError, TemporalBridge
+from proxy.lifecycle_client import ERR_REPLICA_QUOTA, ERR_TIMEOUT, ERR_UNAVAILABLE, LifecycleClient, LifecycleError
 from proxy.traffic import Claim, TrafficTracker
 
 NOT_SERVING_STATES = ("stopped", "failed", "terminated")
@@ -73,14 +73,14 @@ class Acquired:
 class ColdStarts:
     def __init__(
         self,
-        bridge: TemporalBridge,
+        lifecycle: LifecycleClient,
         routing: RoutingView,
         balancer: Balancer,
         tracker: TrafficTracker,
         metrics: Metrics,
         outage_grace_seconds: float = 60.0,
     ):
-        self.bridge = bridge
+        self.lifecycle = lifecycle
         self.routing = routing
         self.balancer = balancer
         self.tracker = tracker
@@ -133,7 +133,7 @@ class ColdStarts:
 
     def wake(self, view: EndpointView) -> AsyncResult:
         def call():
-            result = self.bridge.wake(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
+            result = self.lifecycle.wake(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
             self.routing.learn(view.name, InstanceView(result.instance_id, result.address,
                                                        _ready_at(result)))
             if result.cold_start:
@@ -164,7 +164,7 @@ class ColdStarts:
 
         def call():
             try:
-                result = self.bridge.scale_out(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
+                result = self.lifecycle.scale_out(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
             except LifecycleError:
                 self._scale_out_refused_at[view.name] = time.monotonic()
                 raise
@@ -175,7 +175,7 @@ class ColdStarts:
 
     def scale_out_for(self, view: EndpointView, request_id: str) -> Acquired:
         """`Deploy-Route-Rule: scale-out`: a new instance for this request alone."""
-        result = self.bridge.scale_out(view.name, request_id, timeout=view.startup_timeout_seconds + 5)
+        result = self.lifecycle.scale_out(view.name, request_id, timeout=view.startup_timeout_seconds + 5)
         instance = InstanceView(result.instance_id, result.address, _ready_at(result))
         self.routing.learn(view.name, instance)
         self.notify(view.name)

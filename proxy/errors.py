@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from proxy.coldstart import ClientWaitOver, EndpointGone, HoldTimeout, NotServing
 from proxy.metrics import Metrics
 from proxy.routing_view import InstanceView
-from proxy.temporal_bridge import ERR_NO_WORKFLOW, ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED, LifecycleError
+from proxy.lifecycle_client import ERR_NO_WORKFLOW, ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED, LifecycleError
 
 log = logging.getLogger("standby.proxy")
 RETRY_AFTER_SECONDS = 5

@@ -45,7 +45,7 @@ from proxy.headers import cookie_value, forward_headers, wants_event_stream
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, RoutingView
 from proxy.server import arrival_of
-from proxy.temporal_bridge import LifecycleError
+from proxy.lifecycle_client import LifecycleError
 from proxy.traffic import TrafficTracker
 
 log = logging.getLogger("standby.proxy")

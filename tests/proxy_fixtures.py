@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_SCRIPT = ROOT / "tests" / "proxy_instance.py"
 
 
-from tests.conftest import free_port  # noqa: E402  (re-exported for the benchmarks)
+from tests.conftest import free_port  # noqa: E402
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):

@@ -1,13 +1,13 @@
 """Readiness and probes against real HTTP servers started by the process backend."""
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
 import pytest
 
 from common.config import Settings
+from tests.conftest import free_port
 from workers.backends.base import LaunchSpec
 from workers.backends.process import ProcessBackend
 from workers.health import health_url, probe, wait_until_ready
@@ -126,12 +126,6 @@ def test_timeout_when_nothing_listens(settings, backend):
     assert not result.ready
     assert result.reason == ("not ready within 0.5 s: waited for HTTP 200 from /ping; "
                              "last answer: GET /ping -> connection refused")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_probe_refused_and_url_building():

@@ -14,7 +14,8 @@ import time
 import pytest
 import requests
 
-from tests.proxy_fixtures import ProxyWorld, free_port
+from tests.conftest import free_port
+from tests.proxy_fixtures import ProxyWorld
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,15 +15,10 @@ import pytest
 import requests
 
 from runtime.launch import build_start
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARITH = ROOT / "examples" / "arith"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Standby web app: UI (server-rendered) and JSON API over the endpoint specs.
 
 The web app writes only the spec (and API keys) and talks to Temporal; worker activities
-write observed state (DESIGN.md "Who owns what").
+write observed state (docs/architecture.md "Who owns what").
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 from common import strict_json
 from common.config import Settings, load_settings
 from common.db import engine_options, install_sqlite_pragmas
+from common.temporal_bridge import TemporalBridge
 from webapp.extensions import db
-from webapp.temporal_bridge import TemporalBridge
 
 csrf = CSRFProtect()
 # JSON bodies (specs with routes, keys, models) are a few KB; 1 MiB is generous. The registry's
@@ -30,7 +30,8 @@ class StrictJSONProvider(DefaultJSONProvider):
     """Standard JSON only (common/strict_json.py): request bodies with NaN, ±Infinity or deep
     nesting are refused, and an answer can never carry NaN / Infinity."""
 
-    sort_keys = False  # keep spec fields in DESIGN.md order
+    # Spec fields keep their declared order (docs/architecture.md "The JSON API").
+    sort_keys = False
 
     def dumps(self, obj, **kwargs):
         kwargs["allow_nan"] = False
@@ -107,19 +108,14 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, request_guard, ui
+    from webapp import api, registry, request_guard, ui
 
     request_guard.install(app, api_error)
 
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # API clients send JSON, not forms; CSRF protects the cookie-based UI
-    try:
-        from webapp.registry import bp as registry_bp  # model registry (issue 4), when present
-    except ImportError:
-        registry_bp = None
-    if registry_bp is not None:
-        app.register_blueprint(registry_bp)
+    app.register_blueprint(registry.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -1,4 +1,6 @@
-"""JSON API under /api/v1 (DESIGN.md "The JSON API"). Errors are JSON: {"error": ..., "errors": {...}}."""
+"""JSON API under /api/v1 (docs/architecture.md "The JSON API").
+
+Errors are JSON: {"error": ..., "errors": {...}}."""
 from __future__ import annotations
 
 from flask import Blueprint, request
@@ -6,10 +8,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from webapp import api_keys
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.spec import validate_spec
-from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
     ACTIONS,
     action_refusal,
@@ -58,7 +60,7 @@ def workflow_error(exc: Exception, endpoint: Endpoint | None = None):
         return error(409, exc.message)
     if exc.type == ERR_START_FAILED:
         return error(502, f"the instance failed to start: {exc.message}")
-    if exc.type == "Timeout":
+    if exc.type == TIMEOUT:
         return error(504, exc.message)
     return error(502, f"Temporal refused the request ({exc.type}): {exc.message}")
 
@@ -84,8 +86,6 @@ def create_endpoint():
         db.session.rollback()
         return error(400, "invalid endpoint spec", {"name": f"name {clean['name']!r} is taken by another endpoint; choose another name"})
     try:
-        from webapp.extensions import bridge
-
         bridge().start_endpoint(endpoint.name)
     except (TemporalUnavailable, WorkflowActionError) as exc:
         # The spec row is kept: any later action (wake, restart...) starts the workflow.

@@ -9,7 +9,7 @@
    the bytes once the headers are all there. A client that takes longer than HEADER_TIMEOUT_SECONDS for its headers is
    disconnected, and one that goes quiet is closed after the keep-alive timeout, as gunicorn does.
    The app stays on threads rather than gevent: its Temporal client lives on an asyncio thread
-   (webapp/temporal_bridge.py) and archive checks are CPU work, both of which suit threads.
+   (common/temporal_bridge.py) and archive checks are CPU work, both of which suit threads.
 
 2. **Every error gunicorn answers itself is JSON** (a request line over `limit_request_line` is
    414, a malformed request 400, oversized headers 431), like the app's own errors, so an API

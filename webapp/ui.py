@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from common.routes import normalize_routes
 from webapp import api_keys
 from webapp.drafts import drop_draft, load_draft, save_draft
@@ -15,7 +16,6 @@ from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, Term
 from webapp.routes_view import model_version_label, param_summary, route_examples
 from common.spec_fields import SPEC
 from webapp.spec import spec_of, validate_spec
-from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
     SECRET_MASK,
     action_refusal,
@@ -288,7 +288,7 @@ def endpoint_action(name: str, action: str):
         else:
             flash(f"{action.capitalize()} requested.", "ok")
     except WorkflowActionError as exc:
-        if exc.type == "Timeout":
+        if exc.type == TIMEOUT:
             flash("Scale-out accepted; the new instance is still starting.", "ok")
         else:
             flash(_temporal_message(exc), "error")

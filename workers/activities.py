@@ -259,7 +259,8 @@ class StandbyActivities:
                 event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']} "
                               f"({result.reason})"))
         else:
-            # The reason travels to every held request (README "Cold starts"): make it say why.
+            # The reason travels to every held request (docs/architecture.md "The proxy contract"):
+            # make it say why.
             tail = last_log_lines(launched.get("log_path", ""), 5)
             if tail:
                 reason += "; last log lines: " + " | ".join(tail)

@@ -1,6 +1,7 @@
 """HTTP health probes against instances, over one pooled, thread-safe connection manager.
 
-Two rules (README "Readiness"), so that any server works as its tutorial writes it:
+Two rules (docs/architecture.md "Ports and readiness"), so that any server works as its tutorial
+writes it:
 - no health path set: the instance is ready when its port answers HTTP with any status below
   500 (`GET /`, redirects not followed), like a TCP/HTTP startup probe. Almost no real server
   answers 200 on a path Standby would guess, but nearly all answer *something* on `/`.

@@ -2,9 +2,10 @@
 
     python netns_relay.py --listen 127.0.0.1:43121 --port 8080 [--mode net|user+net] -- CMD...
 
-Why (README "Ports"): the `port` of an endpoint is the port its server listens on, as the user
-wrote it (`python -m http.server 8080`). Two instances of that command cannot share one network
-namespace, so each gets its own. This process is the bridge between the two worlds:
+Why (docs/architecture.md "Ports and readiness"): the `port` of an endpoint is the port its
+server listens on, as the user wrote it (`python -m http.server 8080`). Two instances of that
+command cannot share one network namespace, so each gets its own. This process is the bridge
+between the two worlds:
 
 1. it binds the socket on the host side first (a socket stays in the namespace it was created in),
 2. then moves itself into a new network namespace and brings its loopback up,

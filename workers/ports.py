@@ -1,4 +1,5 @@
-"""How an instance gets its port (README "Ports"), decided from the start command alone.
+"""How an instance gets its port (docs/architecture.md "Ports and readiness"), decided from the
+start command alone.
 
 - A command that says `$PORT`, `${PORT}` or `{port}` gets a free port substituted and shares the
   host's network: any number of instances run side by side.

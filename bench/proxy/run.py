@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.proxy_fixtures import ProxyWorld, free_port, stop_process, wait_for  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.proxy_fixtures import ProxyWorld, stop_process, wait_for  # noqa: E402
 
 NGINX_CONF = """
 worker_processes {workers};
