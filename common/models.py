@@ -3,7 +3,7 @@
 Plain SQLAlchemy declarative models so that the worker and the proxy use them without a Flask
 app; the web app hands `Base` to Flask-SQLAlchemy as its model class.
 
-Single writer per column group (DESIGN.md "Who owns what"):
+Single writer per column group (docs/architecture.md "Who owns what"):
 - spec columns of `Endpoint`, `ApiKey`, `Model`, `ModelVersion`: the web app;
 - `Endpoint.status*`, `Instance`, `Event`: worker activities;
 - nothing on the hot path writes to the database.

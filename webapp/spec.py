@@ -2,7 +2,7 @@
 
 `validate_spec` takes loosely typed input (JSON values from the API, strings from a form)
 and returns `(clean, errors)`: `clean` holds every spec field with its proper type, ready
-to be written to an `Endpoint`; `errors` maps a field name (DESIGN.md "Spec fields") to a
+to be written to an `Endpoint`; `errors` maps a field name (docs/architecture.md "The JSON API") to a
 message that says what to change. Nothing here touches Temporal; the database is only read
 (name uniqueness) and only when a session is given.
 """

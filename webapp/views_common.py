@@ -20,7 +20,7 @@ from common.models import (
     Instance,
 )
 from webapp.extensions import bridge, db, settings
-from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
+from common.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.spec import SPEC_FIELDS
 from workflows.contracts import (
     SIGNAL_RESTART,
