@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="the Temporal worker")
     worker.add_argument("--stop-instances-on-exit", action="store_true",
                         help="stop every instance process of this host when the worker exits")
+    # The same as the environment variables they name (docs/architecture.md "Hosts and pools").
+    worker.add_argument("--host", help="this host's name (STANDBY_HOST; default: the machine's hostname)")
+    worker.add_argument("--pool", help="the resource pool it joins (STANDBY_POOL; default: default)")
+    worker.add_argument("--advertise-address", help="where the proxy reaches its instances "
+                                                    "(STANDBY_ADVERTISE_ADDRESS; default: 127.0.0.1)")
     temporal = sub.add_parser("temporal", help="the embedded Temporal dev server")
     temporal.add_argument("--headless", action="store_true")
     db = sub.add_parser("db", help="the database schema: upgrade, current, revision")
@@ -187,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     revision.add_argument("--autogenerate", action="store_true",
                           help="from the difference between common/models.py and the newest migration")
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        for flag, variable in (("host", "STANDBY_HOST"), ("pool", "STANDBY_POOL"),
+                               ("advertise_address", "STANDBY_ADVERTISE_ADDRESS")):
+            if getattr(args, flag):
+                os.environ[variable] = getattr(args, flag)
     try:
         settings = load_settings()
     except ValueError as err:

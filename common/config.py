@@ -69,6 +69,16 @@ class Settings:
     task_queue: str = "standby"
     host: str = field(default_factory=socket.gethostname)
     bind: str = "127.0.0.1"
+    # The resource pool this worker's host joins, and the pool of endpoints that name none.
+    pool: str = "default"
+    # A worker heart-beats this often; a host silent for host_down_after_seconds is down (its
+    # instances are lost and replaced elsewhere).
+    host_heartbeat_seconds: float = 2.0
+    host_down_after_seconds: float = 15.0
+    # How much CPU a host may grant per core (time-shared), and memory and disk per GB.
+    cpu_overcommit: float = 8.0
+    memory_overcommit: float = 1.0
+    disk_overcommit: float = 1.0
     # Where the proxy and the health probes reach this host's instances (an IP or a name), and
     # the local address instance ports are published on. One host: loopback for both. A worker
     # on another machine than the proxy advertises an address the proxy can reach.
@@ -171,6 +181,12 @@ def load_settings(env: dict | None = None) -> Settings:
         task_queue=env.get("STANDBY_TASK_QUEUE") or "standby",
         host=env.get("STANDBY_HOST") or socket.gethostname(),
         bind=env.get("STANDBY_BIND") or "127.0.0.1",
+        pool=env.get("STANDBY_POOL") or "default",
+        host_heartbeat_seconds=_float(env, "STANDBY_HOST_HEARTBEAT_SECONDS", 2.0),
+        host_down_after_seconds=_float(env, "STANDBY_HOST_DOWN_AFTER_SECONDS", 15.0),
+        cpu_overcommit=_float(env, "STANDBY_CPU_OVERCOMMIT", 8.0),
+        memory_overcommit=_float(env, "STANDBY_MEMORY_OVERCOMMIT", 1.0),
+        disk_overcommit=_float(env, "STANDBY_DISK_OVERCOMMIT", 1.0),
         advertise_address=advertise,
         instance_bind=env.get("STANDBY_INSTANCE_BIND") or _default_instance_bind(advertise),
         min_startup_timeout_seconds=_int(env, "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS", 180),

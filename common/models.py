@@ -173,7 +173,9 @@ HOST_UP, HOST_DRAINING, HOST_DOWN = "up", "draining", "down"
 
 class Host(Base):
     """A machine running a Standby worker. Its facts (GPUs, CPU, memory, disk, heartbeat) are
-    written by its own worker; its state by the pool workflow's activities."""
+    written by its own worker; its state by the pool workflow's activities.
+
+    `to_info()` is what its pool's placement sees (workflows/placement.py)."""
 
     __tablename__ = "hosts"
 
@@ -189,7 +191,22 @@ class Host(Base):
     cpu_cores: Mapped[float] = mapped_column(Float, default=0.0)
     memory_gb: Mapped[float] = mapped_column(Float, default=0.0)
     disk_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    # How much its pool may grant per unit of each (STANDBY_*_OVERCOMMIT on its worker).
+    cpu_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
+    memory_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
+    disk_overcommit: Mapped[float] = mapped_column(Float, default=1.0)
     state: Mapped[str] = mapped_column(String(16), default=HOST_UP)
     state_reason: Mapped[str] = mapped_column(Text, default="")
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    def to_info(self):
+        from workflows.placement import HostInfo
+
+        gpus: dict[str, list[int]] = {}
+        for gpu in self.gpus or []:
+            gpus.setdefault(gpu["type"], []).append(gpu["index"])
+        return HostInfo(name=self.name, pool=self.pool, task_queue=self.task_queue, address=self.advertise_address,
+                        gpus=gpus, cpu_cores=self.cpu_cores, memory_gb=self.memory_gb, disk_gb=self.disk_gb,
+                        cpu_overcommit=self.cpu_overcommit, memory_overcommit=self.memory_overcommit,
+                        disk_overcommit=self.disk_overcommit, netns=self.netns, backend=self.backend)

@@ -156,15 +156,17 @@ SPEC: tuple[SpecField, ...] = (
           help="e.g. T4 or A100 (any case; stored as the host names it); empty for CPU only."),
     _int("gpu_count", 0, "GPU count", 0, MAX_GPUS, "GPUs per instance", edit=RESTART, readers=(LIFECYCLE, WORKER),
          section="resources"),
-    SpecField("cpu_cores", FLOAT, 1.0, "CPU cores", edit=RESTART, readers=(WORKER,), section="resources",
+    SpecField("cpu_cores", FLOAT, 1.0, "CPU cores", edit=RESTART, readers=(LIFECYCLE, WORKER), section="resources",
               low=0, high=1024, above_low=True, why="cores of one host", column=Float),
-    SpecField("memory_gb", FLOAT, 1.0, "Memory (GB)", edit=RESTART, readers=(WORKER,), section="resources",
+    SpecField("memory_gb", FLOAT, 1.0, "Memory (GB)", edit=RESTART, readers=(LIFECYCLE, WORKER),
+              section="resources",
               low=0, high=4096, above_low=True, why="4 TB, memory of one host", column=Float),
-    _int("disk_gb", 10, "Disk (GB)", 1, 65536, "64 TB", edit=IMMUTABLE, readers=(WORKER,), section="resources",
+    _int("disk_gb", 10, "Disk (GB)", 1, 65536, "64 TB", edit=IMMUTABLE, readers=(LIFECYCLE, WORKER),
+         section="resources",
          help="Cannot be changed later.", instead="create a new endpoint for another disk size"),
     SpecField("pools", NAMES, [DEFAULT_POOL], "Pools", "The resource pool (group of GPU hosts) its instances run "
-              "in; two pools, comma-separated, split the instances evenly between them, so one pool's failure "
-              "leaves the endpoint serving.", edit=RESTART, readers=(LIFECYCLE,), section="resources",
+              "in; empty: the default pool. Two pools, comma-separated, split the instances evenly between them, "
+              "so one pool's failure leaves the endpoint serving.", edit=RESTART, readers=(LIFECYCLE,), section="resources",
               high=MAX_POOLS, max_length=63, column=JSON),
     # ---- scaling ----
     _int("min_instances", 0, "Min instances", 0, 100, "instances per endpoint", readers=(LIFECYCLE,),

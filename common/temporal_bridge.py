@@ -241,6 +241,15 @@ class TemporalBridge:
     def query_status(self, name: str) -> Any:
         return self.call(lambda: self._query(name, QUERY_STATUS), timeout=15)
 
+    def signal_workflow(self, workflow_id: str, signal_name: str, arg: Any = None) -> None:
+        """Signal any running workflow by id (a pool's, for an operator's drain)."""
+        self.call(lambda: self._by_id(workflow_id, lambda h: h.signal(signal_name, arg)), timeout=30)
+
+    def query_workflow(self, workflow_id: str, query_name: str, result_type: type | None = None) -> Any:
+        """Query any running workflow by id (a pool's queue and free resources)."""
+        return self.call(lambda: self._by_id(workflow_id, lambda h: h.query(query_name, result_type=result_type)),
+                         timeout=15)
+
     # ---- calls that do not wait ----
     def signal_soon(self, name: str, signal_name: str, arg: Any) -> None:
         """Signal a running workflow (never start one); a failure is logged, at most once a minute."""
@@ -411,6 +420,18 @@ class TemporalBridge:
                 return False
             raise self._rpc_failure(exc, name) from None
         return description.status == WorkflowExecutionStatus.RUNNING
+
+    async def _by_id(self, workflow_id: str, act: Callable[[Any], Awaitable[Any]]) -> Any:
+        client = await self._connected_client()
+        try:
+            return await act(client.get_workflow_handle(workflow_id))
+        except WorkflowQueryFailedError as exc:
+            raise WorkflowActionError(QUERY_FAILED, str(exc)) from None
+        except RPCError as exc:
+            failure = self._rpc_failure(exc, workflow_id)
+            if isinstance(failure, WorkflowActionError) and failure.type == NOT_FOUND:
+                failure = WorkflowActionError(NOT_FOUND, f"no running workflow {workflow_id!r}")
+            raise failure from None
 
     async def _query(self, name: str, query_name: str) -> Any:
         client = await self._connected_client()

@@ -35,6 +35,8 @@ log = logging.getLogger("standby.proxy.routing")
 
 # How long a learned instance is trusted without the database showing it.
 LEARNED_TTL_SECONDS = 30.0
+# How long an instance that refused a connection is left out while the database still calls it ready.
+GONE_TTL_SECONDS = 30.0
 # An unknown endpoint name triggers a reload at most this often.
 MISS_RELOAD_SECONDS = 0.1
 
@@ -146,8 +148,10 @@ class RoutingView:
             log.exception("routing view refresh failed; keeping the previous view")
             return
         now = time.monotonic()
-        # A forgotten instance stays out for one full load after it was forgotten.
-        self._gone = {iid: at for iid, at in self._gone.items() if now - at < max(1.0, 2 * self.refresh_seconds)}
+        # A forgotten instance stays out while the database still calls it ready (its death is on
+        # its way there), at most GONE_TTL_SECONDS (a refusal that was only a hiccup).
+        ready_ids = {inst.id for view in endpoints.values() for inst in view.instances}
+        self._gone = {iid: at for iid, at in self._gone.items() if iid in ready_ids and now - at < GONE_TTL_SECONDS}
         self._endpoints = endpoints
         # An id the load saw is settled by the database: drop it from the overlay (in get()).
         self._known_ids = known

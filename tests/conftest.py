@@ -120,6 +120,8 @@ class Stack:
             "TEMPORAL_ADDRESS": temporal_address,
             "STANDBY_TASK_QUEUE": f"standby-test-{uid}",
             "STANDBY_HOST": f"testhost-{uid}",
+            # The session's Temporal is shared: each installation has a pool (workflow) of its own.
+            "STANDBY_POOL": f"pool-{uid}",
             "STANDBY_GPUS": "T4:1",
             "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS": "1",
             "STANDBY_STOP_GRACE_SECONDS": "2",
@@ -193,6 +195,7 @@ class Stack:
         spec.setdefault("health_path", "/")
         spec.setdefault("startup_timeout_seconds", 30)
         spec.setdefault("health_interval_seconds", 1)
+        spec.setdefault("pools", [self.settings.pool])
         with self.db.session() as s:
             s.add(Endpoint(name=name, **spec))
         self.runner.run(self.client.start_workflow(

@@ -28,7 +28,9 @@ from workers.activities import StandbyActivities
 from workers.backends import make_backend
 from workflows.contracts import ENDPOINT_WORKFLOW, EndpointInput, endpoint_workflow_id
 from workflows.endpoint import EndpointWorkflow
+from workers.host import host_info, join_pool, record_host
 from workflows.gpu_pool import GpuPoolWorkflow
+from workflows.pool import PoolWorkflow
 from workflows.instance import InstanceWorkflow
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,6 +66,7 @@ async def _purge_scenario(tmp_path: Path) -> None:
         "STANDBY_DATA_DIR": str(tmp_path / "data"),
         "STANDBY_TASK_QUEUE": f"purge-{uid}",
         "STANDBY_HOST": f"purgehost-{uid}",
+        "STANDBY_POOL": f"purgepool-{uid}",
         "STANDBY_GPUS": "",
         "STANDBY_STOP_GRACE_SECONDS": "2",
     })
@@ -75,7 +78,7 @@ async def _purge_scenario(tmp_path: Path) -> None:
     with db.session() as s:
         s.add(Endpoint(name=name, start_command=f"{sys.executable} -m http.server $PORT --bind 127.0.0.1",
                        health_path="/", min_instances=0, idle_retention_seconds=3600,
-                       startup_timeout_seconds=30, health_interval_seconds=1))
+                       startup_timeout_seconds=30, health_interval_seconds=1, pools=[settings.pool]))
 
     def endpoint() -> Endpoint:
         with db.session() as s:
@@ -92,11 +95,15 @@ async def _purge_scenario(tmp_path: Path) -> None:
         acts = StandbyActivities(settings, db, backend, env.client)
         with ThreadPoolExecutor(max_workers=16) as pool:
             main = Worker(env.client, task_queue=settings.task_queue,
-                          workflows=[EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow],
+                          workflows=[EndpointWorkflow, InstanceWorkflow, PoolWorkflow, GpuPoolWorkflow],
                           activities=acts.all(), activity_executor=pool)
             host = Worker(env.client, task_queue=settings.host_task_queue, activities=acts.host_bound(),
                           activity_executor=pool)
             async with main, host:
+                # As the worker does at start: its host joins its pool.
+                info, gpus = host_info(settings)
+                record_host(db, info, gpus)
+                await join_pool(env.client, settings, info)
                 handle = await env.client.start_workflow(
                     ENDPOINT_WORKFLOW, EndpointInput(name=name), id=endpoint_workflow_id(name),
                     task_queue=settings.task_queue)

@@ -24,7 +24,7 @@ from tests.conftest import free_port, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 # Variables of the developer's shell that would change what a fresh `up` does.
 _RESET = ("TEMPORAL_ADDRESS", "DATABASE_URL", "STANDBY_GPUS", "STANDBY_PROXY_WORKERS", "STANDBY_BACKEND",
-          "STANDBY_HOST", "STANDBY_TASK_QUEUE", "PROMETHEUS_MULTIPROC_DIR")
+          "STANDBY_HOST", "STANDBY_TASK_QUEUE", "STANDBY_POOL", "PROMETHEUS_MULTIPROC_DIR")
 
 
 class UpProcess:
@@ -43,6 +43,7 @@ class UpProcess:
             "STANDBY_PROXY_PORT": str(self.ports["proxy"]),
             "STANDBY_TASK_QUEUE": f"standby-user-{uid}",
             "STANDBY_HOST": f"userhost-{uid}",
+            "STANDBY_POOL": f"userpool-{uid}",
             "PYTHONUNBUFFERED": "1",
         })
         if temporal_address:

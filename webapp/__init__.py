@@ -108,7 +108,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, registry, request_guard, ui
+    from webapp import api, hosts, registry, request_guard, ui
 
     request_guard.install(app, api_error)
 
@@ -116,6 +116,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)  # API clients send JSON, not forms; CSRF protects the cookie-based UI
     app.register_blueprint(registry.bp)
+    app.register_blueprint(hosts.ui_bp)
+    app.register_blueprint(hosts.api_bp)
+    csrf.exempt(hosts.api_bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

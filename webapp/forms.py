@@ -50,7 +50,8 @@ def _form_field(f: SpecField):
                            default=f.default, validate_choice=False, description=f.help)
     if f.kind == REF:  # choices: the registered versions, filled per request
         return SelectField(f.form_label, validate_choice=False, description=f.help)
-    default = "" if f.default is None else _shown(f, f.default)
+    # A list of names left empty means the installation's own default (the pool of STANDBY_POOL).
+    default = "" if f.default is None or f.kind == NAMES else _shown(f, f.default)
     if f.multiline:
         return TextAreaField(f.form_label, default=default, description=f.help)
     return StringField(f.form_label, default=default, description=f.help)

@@ -403,6 +403,8 @@ def validate_spec(
             clean[field] = check(value)
         except _Invalid as exc:
             errors[field] = f"{field} {exc}"
+    if existing is None and not data.get("pools"):
+        clean["pools"] = [settings.pool]  # the installation's default pool (STANDBY_POOL)
     try:
         env_source = previous_env if previous_env is not None else (existing.env if existing else [])
         clean["env"] = _clean_env(merged.get("env"), env_source)
@@ -463,7 +465,8 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
         if "start_command" in clean and not clean["start_command"] and not clean.get("image"):
             errors["start_command"] = ("start_command is required: the shell command that starts your server, "
                                        "e.g. python -m http.server 8080 (with port 8080)")
-        elif clean.get("start_command") and settings.backend == "process":
+        elif clean.get("start_command") and settings.backend == "process" and not _hosts_known(session):
+            # No worker registered yet: judge by this machine (with hosts, _check_pools judges).
             from workers.ports import fixed_port_refusal, namespace_mode, uses_port_placeholder
 
             if not uses_port_placeholder(clean["start_command"]) and namespace_mode() is None:
@@ -471,6 +474,8 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
     elif clean.get("source_kind") == "routes":
         _validate_routes_source(clean, errors, settings, session)
 
+    if _check_pools(clean, errors, settings, session):
+        return  # the hosts of the endpoint's pools said whether it can ever be placed
     gpu_count = clean.get("gpu_count")
     if inventory is not None and clean.get("gpu_type"):
         from workers.gpus import canonical_gpu_type
@@ -486,6 +491,67 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
         problem = check_request_fits(inventory, clean["gpu_type"], gpu_count)
         if problem:
             errors["gpu_count"] = problem
+
+
+def _hosts_known(session) -> bool:
+    if session is None:
+        return False
+    from sqlalchemy import func, select
+
+    from common.models import Host
+
+    return bool(session.scalar(select(func.count()).select_from(Host)))
+
+
+def _check_pools(clean: dict, errors: dict, settings: Settings, session) -> bool:
+    """Pools: instances split evenly over them, and each able to hold an instance some day (its
+    registered hosts, down ones included: they may come back). True when hosts were there to
+    judge by; a fresh install, before its worker registered, falls back to this host's GPUs."""
+    from sqlalchemy import select
+
+    from common.models import Host
+    from workflows.placement import PlacementRequest, never_fits
+
+    pools = clean.get("pools") or [settings.pool]
+    for field in ("min_instances", "max_instances"):
+        value = clean.get(field)
+        if len(pools) > 1 and value and value % len(pools):
+            errors.setdefault(field, f"{field} must be a multiple of the number of pools ({len(pools)}): instances "
+                                     f"are split evenly between {', '.join(pools)}; got {value}")
+    if session is None or "pools" in errors:
+        return False
+    hosts = session.scalars(select(Host)).all()
+    if not hosts:
+        return False
+    by_pool: dict[str, list] = {}
+    for host in hosts:
+        by_pool.setdefault(host.pool, []).append(host.to_info())
+    listing = ", ".join(f"{pool} ({len(members)} host{'s' * (len(members) != 1)})"
+                        for pool, members in sorted(by_pool.items()))
+    for pool in pools:
+        if pool not in by_pool:
+            errors.setdefault("pools", f"pools: {pool!r} has no hosts; pools with hosts: {listing}")
+            continue
+        if clean.get("gpu_type") and not clean.get("gpu_count"):
+            continue  # said above: a type needs a count
+        from workers.ports import uses_port_placeholder
+
+        needs_netns = (clean.get("source_kind") == "server" and not clean.get("image")
+                       and bool(clean.get("start_command")) and not uses_port_placeholder(clean["start_command"]))
+        request = PlacementRequest("", clean.get("name", ""), "", clean.get("gpu_type", ""),
+                                   clean.get("gpu_count") or 0, clean.get("cpu_cores") or 0.0,
+                                   clean.get("memory_gb") or 0.0, clean.get("disk_gb") or 0, needs_netns)
+        problem = never_fits(by_pool[pool], request, pool)
+        if problem:
+            errors.setdefault("gpu_count" if request.gpu_count else "pools", problem)
+        elif request.gpu_count:
+            # One spelling, the hosts': "t4" is stored as a host of the pool names it.
+            from workflows.placement import gpu_type_on
+
+            spelled = next((gpu_type_on(i, request.gpu_type) for i in by_pool[pool] if gpu_type_on(i, request.gpu_type)),
+                           None)
+            clean["gpu_type"] = spelled or clean["gpu_type"]
+    return True
 
 
 def _minutes(seconds: int) -> str:

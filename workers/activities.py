@@ -30,6 +30,7 @@ from common.models import (
     TERMINATED,
     Endpoint,
     Event,
+    Host,
     Instance,
 )
 from common.routes import RUNTIME_HEALTH_PATH
@@ -42,6 +43,8 @@ from workflows.activity_types import (
     GpuInventoryInput,
     GpuRelease,
     GpuRequest,
+    HostsSeenInput,
+    HostStateRecord,
     InstanceRecord,
     LifecycleSpec,
     LivenessInput,
@@ -112,7 +115,7 @@ class StandbyActivities:
         return [
             self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
             self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
-            self.purge_endpoint,
+            self.purge_endpoint, self.hosts_last_seen, self.record_host_state,
         ]
 
     def host_bound(self) -> list:
@@ -137,9 +140,13 @@ class StandbyActivities:
             # Routes endpoints are served by the built-in runtime, which answers /ping once loaded.
             if e.source_kind == "routes":
                 spec["health_path"] = RUNTIME_HEALTH_PATH
+            from workers.ports import uses_port_placeholder
+
             return LifecycleSpec(
                 **spec,
-                # One host today: its GPU pool is named after it and its activities use its queue.
+                needs_netns=e.source_kind == "server" and not e.image and not uses_port_placeholder(e.start_command),
+                # Instances started before pools used the per-host GPU queue of the worker that
+                # loaded the spec (workflows/gpu_pool.py); new ones are placed in spec["pools"].
                 pool=s.host, host_task_queue=s.host_task_queue,
                 purge_after_seconds=s.purge_after_seconds, stop_grace_seconds=s.stop_grace_seconds,
                 drain_grace_seconds=s.proxy_refresh_seconds + URGENT_REPORT_ALLOWANCE_SECONDS,
@@ -378,6 +385,21 @@ class StandbyActivities:
                 e = session.get(Endpoint, endpoint_id)
                 positions = [i.queue_position for i in e.instances if i.queue_position is not None]
                 e.queue_position = min(positions) if positions else None
+
+    # ------------------------------------------------------------ hosts (the pool workflow's local activities)
+    @activity.defn
+    def hosts_last_seen(self, inp: HostsSeenInput) -> dict[str, float]:
+        """Each host's last heartbeat (unix seconds); a host never seen is left out."""
+        with self.db.session() as session:
+            rows = session.execute(select(Host.name, Host.last_heartbeat_at).where(Host.name.in_(inp.names))).all()
+        return {name: _as_utc(seen).timestamp() for name, seen in rows if seen is not None}
+
+    @activity.defn
+    def record_host_state(self, rec: HostStateRecord) -> None:
+        with self.db.session() as session:
+            host = session.get(Host, rec.host)
+            if host is not None:
+                host.state, host.state_reason = rec.state, rec.reason
 
     # ------------------------------------------------------------ purge
     @activity.defn

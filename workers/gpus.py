@@ -98,6 +98,25 @@ def detect_nvidia_smi(timeout: float = 10.0) -> Inventory | None:
         return None
 
 
+def gpu_details(settings: Settings, inventory: Inventory) -> list[dict]:
+    """Each GPU of the host: its type, index and memory (MB, from nvidia-smi where it answers;
+    None for GPUs only declared with STANDBY_GPUS)."""
+    memory: dict[int, int] = {}
+    binary = shutil.which("nvidia-smi")
+    if binary is not None and not settings.gpus.strip():
+        try:
+            result = subprocess.run([binary, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, timeout=10.0, check=False)
+            for line in result.stdout.splitlines():
+                index, _, total = line.partition(",")
+                if index.strip().isdigit() and total.strip().isdigit():
+                    memory[int(index)] = int(total)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return [{"type": kind, "index": index, "memory_mb": memory.get(index)}
+            for kind, indices in inventory.items() for index in indices]
+
+
 def load_inventory(settings: Settings) -> Inventory:
     """An explicit STANDBY_GPUS wins (an operator who sets it means it; tests rely on it);
     otherwise what nvidia-smi reports; otherwise no GPUs (CPU-only endpoints still run)."""

@@ -14,14 +14,17 @@ from common.config import Settings
 from common.db import Database
 from workers.activities import StandbyActivities
 from workers.exit_watch import unstick, watch_exits
+from workers.host import heartbeat_forever, host_info, join_pool, record_host
 from workers.reaper import reap
 from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
+from workflows.pool import PoolWorkflow
 
 log = logging.getLogger(__name__)
 STICKY_TIMEOUT_SECONDS = 1.0
-WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow]
+# GpuPoolWorkflow: the per-host GPU queue of instances started before pools (workflows/gpu_pool.py).
+WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, PoolWorkflow, GpuPoolWorkflow]
 
 
 async def connect(settings: Settings) -> Client:
@@ -41,6 +44,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         from workers.ports import namespace_mode
 
         await asyncio.to_thread(namespace_mode)
+    info, gpus = host_info(settings)
+    record_host(db, info, gpus)
+    await join_pool(client, settings, info)
     survivors = backend.running_endpoints()
     if survivors:
         unstuck = await unstick(client, settings.temporal_namespace, survivors)
@@ -62,8 +68,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             log.info("worker on %s and %s (backend %s)", settings.task_queue, settings.host_task_queue,
                      settings.backend)
             watcher = asyncio.create_task(watch_exits(backend, client, stop))
+            beats = asyncio.create_task(heartbeat_forever(db, settings, stop))
             await stop.wait()
-            await watcher
+            await asyncio.gather(watcher, beats)
     if stop_instances_on_exit and hasattr(backend, "stop_all"):
         # `app.py up` is one machine's whole system: Ctrl-C leaves no instance behind. Their
         # workflows find them gone on the next start and record or replace them.

@@ -27,6 +27,8 @@ def _lifecycle_spec_fields() -> list:
         ("drain_grace_seconds", float, field(default=1.5)),
         ("continue_as_new_events", int, field(default=2000)),
         ("exists", bool, field(default=True)),
+        # A fixed-port command on the process backend: only hosts with network namespaces take it.
+        ("needs_netns", bool, field(default=False)),
     ]
     return [("name", str)] + spec_fields + platform
 
@@ -185,3 +187,17 @@ class QueuePositionsInput:
 class PurgeInput:
     endpoint: str
     reason: str = ""
+
+
+@dataclass
+class HostStateRecord:
+    """A host's state as its pool decided it (up, draining, down), for the hosts page."""
+
+    host: str
+    state: str
+    reason: str = ""
+
+
+@dataclass
+class HostsSeenInput:
+    names: list[str] = field(default_factory=list)

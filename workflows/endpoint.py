@@ -50,6 +50,8 @@ with workflow.unsafe.imports_passed_through():
         instance_workflow_id,
     )
     from workflows.instance import (
+        CAUSE_HOST_LOST,
+        CAUSE_POOL_UNAVAILABLE,
         SIGNAL_INSTANCE_CHANGED,
         SIGNAL_RELEASE,
         SIGNAL_SPEC_UPDATED,
@@ -82,6 +84,8 @@ class EndpointWorkflow:
         self._early: list = []
         # Events noted by signal handlers (which cannot run activities), flushed by the loop.
         self._events: list[tuple[str, str]] = []
+        # Instances a signal handler decided to release (it cannot signal them itself).
+        self._release_soon: list[tuple[str, str]] = []
 
     # ---------------------------------------------------------------- run loop
     @workflow.run
@@ -174,6 +178,10 @@ class EndpointWorkflow:
             for iid in release:
                 await self._release(state.instances[iid], "idle")
 
+        while self._release_soon:
+            iid, why = self._release_soon.pop(0)
+            if iid in state.instances:
+                await self._release(state.instances[iid], why)
         await self._start_planned()
         while self._events:
             kind, message = self._events.pop(0)
@@ -210,7 +218,8 @@ class EndpointWorkflow:
     def _plan_instance(self) -> lc.InstanceView:
         """Decide an instance; its child workflow is started by _start_planned in the loop."""
         iid = "".join(ID_ALPHABET[workflow.random().randrange(26)] for _ in range(8))
-        view = lc.InstanceView(id=iid, status=lc.I_NEW, generation=self.state.generation, created_at=self._now())
+        view = lc.InstanceView(id=iid, status=lc.I_NEW, generation=self.state.generation, created_at=self._now(),
+                               pool=lc.choose_pool(self.state, self._now()))
         self.state.instances[iid] = view
         self._dirty = True
         return view
@@ -219,7 +228,8 @@ class EndpointWorkflow:
         for view in [v for v in self.state.instances.values() if v.status == lc.I_NEW]:
             await workflow.start_child_workflow(
                 "InstanceWorkflow",
-                InstanceInput(self.name, view.id, view.generation, workflow.info().workflow_id, self.state.spec),
+                InstanceInput(self.name, view.id, view.generation, workflow.info().workflow_id, self.state.spec,
+                              pool=view.pool),
                 id=instance_workflow_id(self.name, view.id),
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
@@ -376,6 +386,13 @@ class EndpointWorkflow:
             return
         if change.status == I_READY and view.status == I_DRAINING:
             return  # a late report; the drain stands
+        if change.cause == CAUSE_POOL_UNAVAILABLE:
+            # Its pool has no host up: while another pool of the endpoint has, place it there.
+            state.unavailable_pools[change.pool or view.pool] = change.at
+            if lc.available_pools(state, change.at) and not view.release_sent:
+                self._release_soon.append((view.id, f"pool {change.pool} has no host up: placing it in another pool"))
+            self._dirty = True
+            return
         view.address = change.address or view.address
         view.status = change.status
         if change.status == I_READY:
@@ -385,7 +402,7 @@ class EndpointWorkflow:
             view.ended_at = change.at
             view.reason = change.reason
             if change.status == I_FAILED and view.ready_at is None and not view.release_sent \
-                    and state.desired == lc.SERVING:
+                    and state.desired == lc.SERVING and change.cause != CAUSE_HOST_LOST:
                 # It never became ready: the spec is broken (bad command, health path, timeout).
                 # Retrying would loop forever, so the endpoint fails and can only be terminated.
                 state.desired = lc.WANT_FAILED
@@ -393,7 +410,8 @@ class EndpointWorkflow:
                 state.wake_pending = False
                 self._note("failed", f"instance {view.id} never became ready: {change.reason}")
             elif change.status == I_FAILED and view.ready_at is not None and not view.release_sent \
-                    and state.desired == lc.SERVING and lc.record_death(state, change.at):
+                    and state.desired == lc.SERVING and change.cause != CAUSE_HOST_LOST \
+                    and lc.record_death(state, change.at):
                 state.desired = lc.WANT_FAILED
                 state.failure_reason = (f"crash loop: {lc.CRASH_LOOP_DEATHS} instances died within "
                                         f"{lc.CRASH_LOOP_WINDOW_SECONDS / 60:.0f} min; last: {change.reason}")

@@ -84,6 +84,7 @@ class InstanceView:
     ended_at: float | None = None
     # When returning demand kept it from draining: its idle clock restarts there.
     kept_at: float | None = None
+    pool: str = ""
 
 
 @dataclass
@@ -106,6 +107,8 @@ class EndpointState:
     spec_reload_pending: bool = False
     # When serving instances died (not released): a crash loop fails the endpoint.
     deaths: list[float] = field(default_factory=list)
+    # Pools that said none of their hosts is up, and when: new instances go elsewhere meanwhile.
+    unavailable_pools: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,6 +121,26 @@ class Traffic:
 # being replaced: this many deaths within the window fail it instead.
 CRASH_LOOP_DEATHS = 3
 CRASH_LOOP_WINDOW_SECONDS = 600.0
+
+
+# A pool that said it has no host up is passed over for new instances this long.
+POOL_UNAVAILABLE_SECONDS = 60.0
+
+
+def choose_pool(state: EndpointState, now: float) -> str:
+    """The pool for a new instance: instances split evenly over the endpoint's pools (the one
+    with the fewest live instances, the first in the spec on a tie), passing over a pool that
+    lately had no host up while another one has (so one pool's failure leaves it serving)."""
+    pools = list(state.spec.pools or []) or ["default"]
+    candidates = available_pools(state, now) or pools
+    live_in = {p: sum(1 for v in active(state) if v.pool == p) for p in candidates}
+    return min(candidates, key=lambda p: (live_in[p], pools.index(p)))
+
+
+def available_pools(state: EndpointState, now: float) -> list[str]:
+    """The endpoint's pools, less those that lately said they have no host up."""
+    recent = {p for p, at in state.unavailable_pools.items() if now - at < POOL_UNAVAILABLE_SECONDS}
+    return [p for p in (state.spec.pools or ["default"]) if p not in recent]
 
 
 def record_death(state: EndpointState, at: float) -> bool:

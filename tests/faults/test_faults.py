@@ -156,7 +156,8 @@ def test_worker_killed_while_endpoints_queue_for_the_gpu_keeps_their_order(up):
         up.wait_status(name, "standby")
         assert up.api("POST", f"/endpoints/{name}/wake").status_code == 202
         up.wait_status(name, "queued")
-    assert [up.endpoint(n)["queue_position"] for n in (second, third)] == [1, 2]
+    wait_until(lambda: [up.endpoint(n)["queue_position"] for n in (second, third)] == [1, 2], 10, interval=0.1,
+               message="queue positions 1 and 2")
     old = kill_part(up, "worker")
     restarted = wait_restarted(up, "worker", old)
     up.api("POST", f"/endpoints/{first}/stop")
