@@ -172,7 +172,7 @@ def test_allowed_hosts_are_configurable(tmp_path):
 
 def mutating_api_rules(app):
     """Every (method, URL) of the JSON API that changes something, from Flask's URL map."""
-    samples = {"name": "victim", "key_id": "1", "number": "1", "action": "stop"}
+    samples = {"name": "victim", "key_id": "1", "number": "1", "action": "stop", "operation": "drain"}
     rules = []
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/"):

@@ -252,17 +252,24 @@ class InstanceWorkflow:
             if self.release_reason is not None:
                 await self._stop_process()
                 return await self._finish(I_STOPPED, self.release_reason, ready_at=serving.ready_at)
+            check = workflow.start_activity(
+                "check_liveness",
+                LivenessInput(self.inp.endpoint, self.inp.instance_id, serving.address, spec.health_path),
+                result_type=LivenessResult,
+                task_queue=serving.host_task_queue,
+                start_to_close_timeout=timedelta(seconds=30),
+                # One missed probe must not kill the instance: the activity itself retries
+                # the HTTP probe a few times before it reports the instance dead.
+                retry_policy=RetryPolicy(maximum_attempts=2),
+            )
+            # A check sent to a host that went down would wait out its timeouts: the loss wins.
+            await workflow.wait_condition(lambda: check.done() or self.lost is not None)
+            if not check.done():
+                check.cancel()
+                return await self._finish(I_FAILED, self.lost, ready_at=serving.ready_at, died=True,
+                                          cause=CAUSE_HOST_LOST)
             try:
-                live: LivenessResult = await workflow.execute_activity(
-                    "check_liveness",
-                    LivenessInput(self.inp.endpoint, self.inp.instance_id, serving.address, spec.health_path),
-                    result_type=LivenessResult,
-                    task_queue=serving.host_task_queue,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    # One missed probe must not kill the instance: the activity itself retries
-                    # the HTTP probe a few times before it reports the instance dead.
-                    retry_policy=RetryPolicy(maximum_attempts=2),
-                )
+                live: LivenessResult = check.result()
             except ActivityError as err:
                 live = LivenessResult(alive=True, reason=f"liveness check error: {_cause(err)}")
             if not live.alive:
@@ -355,13 +362,20 @@ class InstanceWorkflow:
     async def _stop_process(self) -> None:
         self.status = I_STOPPING
         await self._record(I_STOPPING)
-        await workflow.execute_activity(
+        stop = workflow.start_activity(
             "stop_instance",
             StopInstanceInput(self.inp.endpoint, self.inp.instance_id, self.inp.spec.stop_grace_seconds),
             task_queue=self.task_queue,
             start_to_close_timeout=timedelta(seconds=self.inp.spec.stop_grace_seconds + 60),
             retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
         )
+        # Retried until its host answers, unless the host is down: its worker, back, stops what
+        # nobody wants (workers/reaper.py).
+        await workflow.wait_condition(lambda: stop.done() or self.lost is not None)
+        if not stop.done():
+            stop.cancel()
+            return
+        stop.result()
 
     async def _finish(self, status: str, reason: str, ready_at: float | None = None, died: bool = False,
                       cause: str = "") -> str:
