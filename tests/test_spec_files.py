@@ -131,3 +131,18 @@ def test_the_embeddings_example_declares_the_routes_of_its_model():
     [spec] = read_spec_file(str(ROOT / "examples" / "specs" / "embeddings.yaml"))
     routes = json.loads((ROOT / "examples" / "embeddings" / "routes.json").read_text())
     assert normalize_routes(spec["routes"]) == normalize_routes(routes)
+
+
+# ---------------------------------------------------------------- what `apply` prints
+def test_a_long_value_is_cut_and_a_change_saved_but_not_told_says_so():
+    from common.cli_client import SHOWN_CHARACTERS, describe
+
+    routes = [{"method": "POST", "path": f"/r{i}", "file": "m.py", "function": "f"} for i in range(9)]
+    unnotified = "saved, but the endpoint's workflow was not told (Temporal is not reachable); any later action tells it"
+    answer = {"action": "updated", "dry_run": False, "endpoint": {}, "saved": True, "restarted": False,
+              "restart_required": [], "changes": [{"field": "routes", "edit": "restart", "from": [], "to": routes}],
+              "warning": unnotified, "error": unnotified, "errors": {}}  # as /apply answers it: a 503
+    head, change, error = describe("m", 503, answer)
+    assert head == "endpoint m: updated" and change.startswith("  routes  restart    [] -> [{\"method\": ")
+    assert change.endswith("...") and len(change) == len("  routes  restart    [] -> ") + SHOWN_CHARACTERS
+    assert error == f"  error: {unnotified}"
