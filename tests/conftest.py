@@ -238,6 +238,16 @@ class Stack:
                                  f"not {status!r}; worker log:\n{self.worker_log.read_text()[-3000:]}") from None
 
 
+@pytest.fixture(scope="module")
+def user(tmp_path_factory, temporal_server):
+    """`app.py up` as a user runs it (tests/user_world.py), shared by the tests of a module."""
+    from tests.user_world import UpProcess
+
+    up = UpProcess(tmp_path_factory.mktemp("user"), temporal_address=temporal_server).start()
+    yield up
+    assert up.stop() == 0, up.log()[-3000:]
+
+
 @pytest.fixture
 def stack_factory(tmp_path, temporal_server, runner):
     stacks: list[Stack] = []

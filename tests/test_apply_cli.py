@@ -15,24 +15,11 @@ import yaml
 
 from common.models import INSTANCE_LIVE_STATES
 from common.spec_fields import SPEC_FIELDS
-from tests.conftest import ROOT, USED_ENDPOINT_NAMES, free_port, wait_until
-from tests.user_world import UpProcess
+from tests.conftest import ROOT, free_port, wait_until
+from tests.user_world import UpProcess, unique
 
 pytestmark = pytest.mark.timeout(300)
 SPECS = ROOT / "examples" / "specs"
-
-
-@pytest.fixture(scope="module")
-def user(tmp_path_factory, temporal_server):
-    up = UpProcess(tmp_path_factory.mktemp("user"), temporal_address=temporal_server).start()
-    yield up
-    assert up.stop() == 0, up.log()[-3000:]
-
-
-def unique(name: str) -> str:
-    assert name not in USED_ENDPOINT_NAMES
-    USED_ENDPOINT_NAMES.add(name)
-    return name
 
 
 def standby(user: UpProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
