@@ -70,6 +70,17 @@ def test_applying_the_same_spec_again_changes_nothing(app, client, bridge):
     assert bridge.calls == [("start", "tts")] and stored(app).spec_updated_at == before
 
 
+@pytest.mark.parametrize("spelling", [
+    {"gpu_type": "t4", "gpu_count": 1},  # stored as the host spells it: T4
+    {"cpu_cores": 2, "memory_gb": "1.5", "sticky_sessions": "yes"},
+    {"description": "  speech  ", "health_path": " /health"},
+    {"env": [{"key": "MODE", "value": "fast", "secret": "false"}]},
+])
+def test_a_spec_applied_again_in_its_own_spelling_is_unchanged(client, spelling):
+    assert apply(client, {**SPEC, **spelling}).status_code == 201
+    assert apply(client, {**SPEC, **spelling}).get_json()["action"] == "unchanged"
+
+
 def test_a_live_change_is_saved_and_the_workflow_told(app, client, bridge):
     apply(client, SPEC)
     response = apply(client, {**SPEC, "max_instances": 3})
