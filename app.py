@@ -9,6 +9,9 @@
     python app.py db upgrade|current|revision
                             the database schema by hand (README.md "Upgrading"); the commands
                             above bring it up to date themselves before serving
+    python app.py apply -f endpoint.yaml [--dry-run] [--restart]
+    python app.py get endpoint NAME [-o yaml|json]
+                            spec files, through the running web app (README.md "Spec files")
 """
 from __future__ import annotations
 
@@ -191,6 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     revision.add_argument("-m", "--message", required=True, help="what the migration changes")
     revision.add_argument("--autogenerate", action="store_true",
                           help="from the difference between common/models.py and the newest migration")
+    apply = sub.add_parser("apply", help="create or update endpoints from spec files")
+    apply.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                       help="a YAML or JSON file of one or more specs (- reads standard input); may be repeated")
+    apply.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    apply.add_argument("--restart", action="store_true",
+                       help="save restart-class changes while instances run, and restart them")
+    get = sub.add_parser("get", help="write an endpoint's spec, ready for apply")
+    get.add_argument("kind", choices=["endpoint"])
+    get.add_argument("name")
+    get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    for client in (apply, get):
+        client.add_argument("--url", help="the web app (default: http://127.0.0.1:$STANDBY_WEB_PORT)")
     args = parser.parse_args(argv)
     if args.command == "worker":
         for flag, variable in (("host", "STANDBY_HOST"), ("pool", "STANDBY_POOL"),
@@ -201,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
     except ValueError as err:
         parser.error(str(err))
+
+    if args.command in ("apply", "get"):
+        from common import cli_client
+
+        url = args.url or f"http://127.0.0.1:{settings.web_port}"
+        if args.command == "apply":
+            return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart)
+        return cli_client.cmd_get(args.name, args.output, url)
 
     if args.command == "up":
         return cmd_up(settings)

@@ -241,6 +241,16 @@ class Stack:
                                  f"not {status!r}; worker log:\n{self.worker_log.read_text()[-3000:]}") from None
 
 
+@pytest.fixture(scope="module")
+def user(tmp_path_factory, temporal_server):
+    """`app.py up` as a user runs it (tests/user_world.py), shared by the tests of a module."""
+    from tests.user_world import UpProcess
+
+    up = UpProcess(tmp_path_factory.mktemp("user"), temporal_address=temporal_server).start()
+    yield up
+    assert up.stop() == 0, up.log()[-3000:]
+
+
 @pytest.fixture
 def stack_factory(tmp_path, temporal_server, runner):
     stacks: list[Stack] = []
@@ -263,9 +273,35 @@ def stack(stack_factory) -> Stack:
     return stack_factory()
 
 
-def web_app(tmp_path, **env):
+class RecordingBridge:
+    """Stands in for Temporal: records every call a view makes, and lets it succeed."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def start_endpoint(self, name):
+        self.calls.append(("start", name))
+
+    def signal(self, name, signal_name, arg=None):
+        self.calls.append(("signal", name, signal_name))
+
+    def update(self, name, update_name, arg, timeout):
+        self.calls.append(("update", name, update_name))
+        return {"instance_id": "x", "address": "127.0.0.1:1", "cold_start": False}
+
+    def is_running(self, name):
+        return False
+
+    def query_status(self, name):
+        return {}
+
+    def close(self):
+        pass
+
+
+def web_app(tmp_path, bridge=None, **env):
     """The Flask app on a fresh data dir, Temporal pointed at a closed port (validation, forms
-    and the registry never need it; actions answer 503)."""
+    and the registry never need it; actions answer 503), or `bridge` standing in for it."""
     from webapp import create_app
     from webapp.extensions import db
 
@@ -276,7 +312,7 @@ def web_app(tmp_path, **env):
         **env,
     })
     upgrade(settings.database_url)  # as `app.py web` does before gunicorn builds the app
-    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test"})
+    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test", "STANDBY_BRIDGE": bridge})
     yield app
     app.extensions["temporal_bridge"].close()
     with app.app_context():

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from common.config import load_settings
 from common.models import ApiKey, Endpoint, Model, ModelVersion
-from tests.conftest import free_port
+from tests.conftest import RecordingBridge, free_port
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_hostile_input import mutating_api_rules
 
@@ -26,32 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"),
     pytest.mark.timeout(240),
 ]
-
-
-class RecordingBridge:
-    """Stands in for Temporal: records every call a view makes, and lets it succeed."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def start_endpoint(self, name):
-        self.calls.append(("start", name))
-
-    def signal(self, name, signal_name, arg=None):
-        self.calls.append(("signal", name, signal_name))
-
-    def update(self, name, update_name, arg, timeout):
-        self.calls.append(("update", name, update_name))
-        return {"instance_id": "x", "address": "127.0.0.1:1", "cold_start": False}
-
-    def is_running(self, name):
-        return False
-
-    def query_status(self, name):
-        return {}
-
-    def close(self):
-        pass
 
 
 ATTACK_PAGE = """<!doctype html><html><body><script>

@@ -21,8 +21,8 @@ from datetime import datetime
 import pytest
 import requests
 
-from tests.conftest import ROOT, USED_ENDPOINT_NAMES, wait_until
-from tests.user_world import UpProcess
+from tests.conftest import ROOT, wait_until
+from tests.user_world import unique
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,19 +30,6 @@ pytestmark = pytest.mark.timeout(240)
 TUTORIAL_COMMAND = "python -m http.server 8080"
 # A server users would write with a fixed port, that can also take its time on /sleep?s=.
 SLOW_SERVER = f"python {ROOT / 'tests' / 'proxy_instance.py'} 8080 slowserver"
-
-
-@pytest.fixture(scope="module")
-def user(tmp_path_factory, temporal_server):
-    up = UpProcess(tmp_path_factory.mktemp("user"), temporal_address=temporal_server).start()
-    yield up
-    assert up.stop() == 0, up.log()[-3000:]
-
-
-def unique(name: str) -> str:
-    assert name not in USED_ENDPOINT_NAMES
-    USED_ENDPOINT_NAMES.add(name)
-    return name
 
 
 def stamp(value: str | None) -> float:

@@ -212,18 +212,23 @@ def test_fuzz_every_api_route(fuzz_app):
     tally.report()
 
 
-def test_fuzz_specs_on_create_and_patch(fuzz_app):
-    """Spec-shaped JSON (every field, any JSON value, routes with any params) on create and patch."""
-    client, tally = fuzz_app.test_client(), Tally("create/patch specs")
+def test_fuzz_specs_on_create_patch_and_apply(fuzz_app):
+    """Spec-shaped JSON (every field, any JSON value, routes with any params) on create, patch and
+    apply (a whole spec over the target, with ?dry_run and ?restart)."""
+    client, tally = fuzz_app.test_client(), Tally("create/patch/apply specs")
 
     @FUZZ
-    @given(spec=specs, patch=st.booleans())
-    def run(spec, patch):
+    @given(spec=specs, route=st.sampled_from(["create", "patch", "apply"]),
+           query=st.sampled_from(["", "?dry_run=true", "?restart=true"]))
+    def run(spec, route, query):
         if tally.over_budget():
             return
-        if patch:
+        if route == "patch":
             url, method = f"/api/v1/endpoints/{TARGET}", "PATCH"
             spec.pop("name", None)
+        elif route == "apply":
+            url, method = f"/api/v1/apply{query}", "POST"
+            spec["name"] = TARGET
         else:
             url, method = "/api/v1/endpoints", "POST"
             spec["name"] = "fuzz-new" if not isinstance(spec.get("name"), str) or spec["name"] in BYSTANDERS else spec["name"]

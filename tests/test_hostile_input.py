@@ -187,7 +187,7 @@ def mutating_api_rules(app):
 
 def test_the_url_map_has_the_known_mutating_routes(app):
     endpoints = {endpoint for _, _, endpoint in mutating_api_rules(app)}
-    assert {"api.create_endpoint", "api.update_endpoint", "api.endpoint_action", "api.create_key",
+    assert {"api.create_endpoint", "api.update_endpoint", "api.apply_spec", "api.endpoint_action", "api.create_key",
             "api.revoke_key", "registry.api_create_model", "registry.api_create_version"} <= endpoints
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import USED_ENDPOINT_NAMES, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # Variables of the developer's shell that would change what a fresh `up` does.
@@ -124,6 +124,14 @@ class UpProcess:
     def call(self, name: str, path: str = "/", method: str = "GET", **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 120)
         return requests.request(method, f"{self.proxy}/e/{name}{path}", **kwargs)
+
+
+def unique(name: str) -> str:
+    """An endpoint name no other test of the session used (its workflow id lives as long as the
+    session's Temporal server)."""
+    assert name not in USED_ENDPOINT_NAMES, f"endpoint name {name!r} already used in this test session"
+    USED_ENDPOINT_NAMES.add(name)
+    return name
 
 
 def free_temporal_port() -> int:

@@ -11,9 +11,10 @@ from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from webapp import api_keys
 from webapp.extensions import bridge, db, gpu_inventory, settings
-from webapp.spec import validate_spec
+from webapp.spec import DEFAULTS, changes, validate_spec
 from webapp.views_common import (
     ACTIONS,
+    UpdateOutcome,
     action_refusal,
     apply_update,
     create_endpoint_row,
@@ -65,32 +66,52 @@ def workflow_error(exc: Exception, endpoint: Endpoint | None = None):
     return error(502, f"Temporal refused the request ({exc.type}): {exc.message}")
 
 
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _validated(body: dict, existing: Endpoint | None) -> tuple[dict, dict]:
+    return validate_spec(body, existing=existing, inventory=gpu_inventory(), settings=settings(), session=db.session)
+
+
+def _invalid_spec(errors: dict):
+    return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
+
+
+def _create(clean: dict) -> tuple[Endpoint | None, tuple | None]:
+    """Insert a validated spec and start its workflow: (the endpoint, None), or what to answer
+    instead (with the endpoint when it was saved but its workflow could not be started)."""
+    try:
+        blocker = previous_still_finishing(clean["name"])
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return None, workflow_error(exc)
+    if blocker:
+        return None, error(409, blocker, {"name": blocker})
+    try:
+        endpoint = create_endpoint_row(clean)
+    except IntegrityError:
+        db.session.rollback()
+        return None, error(400, "invalid endpoint spec",
+                           {"name": f"name {clean['name']!r} is taken by another endpoint; choose another name"})
+    try:
+        bridge().start_endpoint(endpoint.name)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        # The spec row is kept: any later action (wake, restart...) starts the workflow.
+        return endpoint, workflow_error(exc, endpoint)
+    return endpoint, None
+
+
 @bp.post("/endpoints")
 def create_endpoint():
     """Create an endpoint and start its workflow."""
     body = _json_body()
     if body is None:
         return error(400, "the request body must be a JSON object of spec fields")
-    clean, errors = validate_spec(body, existing=None, inventory=gpu_inventory(), settings=settings(), session=db.session)
+    clean, errors = _validated(body, None)
     if errors:
-        return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
-    try:
-        blocker = previous_still_finishing(clean["name"])
-    except (TemporalUnavailable, WorkflowActionError) as exc:
-        return workflow_error(exc)
-    if blocker:
-        return error(409, blocker, {"name": blocker})
-    try:
-        endpoint = create_endpoint_row(clean)
-    except IntegrityError:
-        db.session.rollback()
-        return error(400, "invalid endpoint spec", {"name": f"name {clean['name']!r} is taken by another endpoint; choose another name"})
-    try:
-        bridge().start_endpoint(endpoint.name)
-    except (TemporalUnavailable, WorkflowActionError) as exc:
-        # The spec row is kept: any later action (wake, restart...) starts the workflow.
-        return workflow_error(exc, endpoint)
-    return endpoint_json(endpoint), 201
+        return _invalid_spec(errors)
+    endpoint, failure = _create(clean)
+    return failure or (endpoint_json(endpoint), 201)
 
 
 @bp.get("/endpoints")
@@ -117,16 +138,78 @@ def update_endpoint(name: str):
     body = _json_body()
     if body is None:
         return error(400, "the request body must be a JSON object of spec fields to change")
-    clean, errors = validate_spec(body, existing=endpoint, inventory=gpu_inventory(), settings=settings(), session=db.session)
+    clean, errors = _validated(body, endpoint)
     if errors:
-        return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
-    outcome = apply_update(endpoint, clean, restart=request.args.get("restart", "").lower() in ("1", "true", "yes"))
+        return _invalid_spec(errors)
+    outcome = apply_update(endpoint, clean, restart=_flag("restart"))
     if outcome.needs_restart:
-        return error(409, restart_message(outcome.needs_restart), {f: restart_message([f]) for f in outcome.needs_restart},
-                     **outcome.json())
+        return _restart_refusal(outcome, **outcome.json())
     if outcome.unnotified:  # saved, but the running instances do not know yet: say so
         return error(503, outcome.unnotified, endpoint=endpoint_json(endpoint), **outcome.json())
     return {**endpoint_json(endpoint), **outcome.json()}
+
+
+def _restart_refusal(outcome: UpdateOutcome, **extra):
+    fields = outcome.needs_restart
+    return error(409, restart_message(fields), {f: restart_message([f]) for f in fields}, **extra)
+
+
+@bp.post("/apply")
+def apply_spec():
+    """Create or update an endpoint from a whole spec (README "Spec files"); ?dry_run=true answers
+    the same and changes nothing, ?restart=true allows restart-class changes while instances run."""
+    dry_run = _flag("dry_run")
+    body = _json_body()
+    if body is None:
+        return _applied("refused", dry_run, None, UpdateOutcome(),
+                        error(400, "the request body must be a JSON object: a whole endpoint spec"))
+    name = body.get("name")
+    endpoint = db.session.scalar(select(Endpoint).where(Endpoint.name == name.strip())) \
+        if isinstance(name, str) else None
+    if endpoint is None or endpoint.status == TERMINATED:
+        return _apply_new(body, dry_run)
+    # Declarative: the spec is the whole spec, so a field it leaves out goes back to its default
+    # (the pools: this installation's default pool). A secret variable without a value keeps the
+    # stored value (webapp/spec.py _clean_env).
+    clean, errors = _validated({**DEFAULTS, "pools": [settings().pool], **body}, endpoint)
+    if errors:
+        return _applied("refused", dry_run, endpoint, UpdateOutcome(), _invalid_spec(errors))
+    # A failed endpoint is never written (it can only be terminated); an equal spec is still unchanged.
+    failed = endpoint.status == FAILED
+    outcome = apply_update(endpoint, clean, restart=_flag("restart"), dry_run=dry_run or failed)
+    if not outcome.changes:
+        return _applied("unchanged", dry_run, endpoint, outcome)
+    if failed:
+        return _applied("refused", dry_run, endpoint, outcome, error(409, action_refusal(endpoint, "edit")))
+    if outcome.needs_restart:
+        return _applied("refused", dry_run, endpoint, outcome, _restart_refusal(outcome))
+    if outcome.unnotified:
+        return _applied("updated", dry_run, endpoint, outcome, error(503, outcome.unnotified))
+    return _applied("updated", dry_run, endpoint, outcome)
+
+
+def _apply_new(body: dict, dry_run: bool):
+    clean, errors = _validated(body, None)
+    if errors:
+        return _applied("refused", dry_run, None, UpdateOutcome(), _invalid_spec(errors))
+    outcome = UpdateOutcome(changes=changes(None, clean, {"pools": [settings().pool]}))
+    if dry_run:
+        return _applied("created", dry_run, None, outcome)
+    endpoint, failure = _create(clean)
+    outcome.saved = endpoint is not None
+    return _applied("created" if outcome.saved else "refused", dry_run, endpoint, outcome, failure, 201)
+
+
+def _applied(action: str, dry_run: bool, endpoint: Endpoint | None, outcome: UpdateOutcome,
+             failure: tuple | None = None, status: int = 200):
+    """The answer of /apply: what it did, the endpoint (none before it is created) and the changes,
+    with the error of a failure (`failure`: an `error(...)` answer) and its status."""
+    body = {"action": action, "dry_run": dry_run, "endpoint": endpoint_json(endpoint) if endpoint else None,
+            **outcome.json()}
+    if failure is not None:
+        failure_body, status = failure
+        body.update({k: v for k, v in failure_body.items() if k != "endpoint"})
+    return body, status
 
 
 @bp.post("/endpoints/<name>/<action>")
@@ -138,7 +221,7 @@ def endpoint_action(name: str, action: str):
     refusal = action_refusal(endpoint, action)
     if refusal:
         return error(409, refusal)
-    wait = request.args.get("wait", "").lower() in ("1", "true", "yes")
+    wait = _flag("wait")
     try:
         result = perform_action(endpoint, action, wait=wait)
     except (TemporalUnavailable, WorkflowActionError) as exc:

@@ -424,12 +424,17 @@ def immutable_message(name: str) -> str:
     return f"{name} cannot be changed after creation; {BY_NAME[name].instead}"
 
 
-def changes(existing: Endpoint, clean: dict) -> list[dict]:
-    """What a valid update would change, field by field, with each change's edit class."""
+def changes(existing: Endpoint | None, clean: dict, defaults: dict | None = None) -> list[dict]:
+    """What a valid update would change, field by field, with each change's edit class. For a new
+    endpoint (`existing` None): the fields it sets to other than their default (`defaults`
+    overrides the declared ones: the installation's pool), from nothing."""
+    defaults = {**DEFAULTS, **(defaults or {})}
     out = []
     for f in SPEC:
-        if f.name in clean and clean[f.name] != getattr(existing, f.name):
-            out.append({"field": f.name, "edit": f.edit, "from": _public(f.name, getattr(existing, f.name)),
+        before = getattr(existing, f.name) if existing is not None else defaults.get(f.name, f.default)
+        if f.name in clean and clean[f.name] != before:
+            out.append({"field": f.name, "edit": f.edit,
+                        "from": _public(f.name, before) if existing is not None else None,
                         "to": _public(f.name, clean[f.name])})
     return out
 

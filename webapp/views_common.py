@@ -287,11 +287,12 @@ def has_live_instances(endpoint: Endpoint) -> bool:
     return any(i.status in INSTANCE_LIVE_STATES for i in endpoint.instances)
 
 
-def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False) -> UpdateOutcome:
+def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False, dry_run: bool = False) -> UpdateOutcome:
     """Save a validated spec over `endpoint`, by edit class: live changes are saved and reach the
     running instances through the workflow (spec_changed); restart-class changes, while
     instances run, are saved only with `restart`, which then restarts them; with nothing running
-    every change is simply saved (the next instance starts from it)."""
+    every change is simply saved (the next instance starts from it). `dry_run` says what would
+    happen and does nothing."""
     from common.spec_fields import RESTART
     from webapp.spec import changes
 
@@ -302,6 +303,8 @@ def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False) -> Upda
     restart_fields = [c["field"] for c in outcome.changes if c["edit"] == RESTART]
     if restart_fields and running and not restart:
         outcome.needs_restart = restart_fields
+        return outcome
+    if dry_run:
         return outcome
     changed = update_endpoint_row(endpoint, clean)
     outcome.saved = True
