@@ -88,7 +88,8 @@ origins = st.sampled_from([{}, {}, {"Origin": "http://localhost"}, {"Origin": "h
                            {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}])
 names = st.one_of(st.just(TARGET), st.text(min_size=1, max_size=20), st.sampled_from(["x" * 300, "..", "%00"]))
 path_values = {"name": names, "action": st.sampled_from(["stop", "restart", "terminate", "wake", "scale-out", "nope"]),
-               "key_id": st.integers(-5, 2**40).map(str), "number": st.integers(-5, 2**40).map(str)}
+               "key_id": st.integers(-5, 2**40).map(str), "number": st.integers(-5, 2**40).map(str),
+               "operation": st.sampled_from(["drain", "undrain", "nope"])}
 methods = st.sampled_from(["GET", "POST", "PATCH", "PUT", "DELETE"])
 queries = st.one_of(st.just(""), st.dictionaries(st.sampled_from(["wait", "lines", "instance", "x"]), text, max_size=3)
                     .map(lambda q: "?" + "&".join(f"{k}={v}" for k, v in q.items())))
