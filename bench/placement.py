@@ -58,12 +58,15 @@ from workflows.pool import (  # noqa: E402
     SIGNAL_RELEASE,
     SIGNAL_REQUEST,
     PoolInput,
+    PoolView,
     PoolWorkflow,
     ReleaseRequest,
     pool_workflow_id,
 )
 
 GPUS_PER_HOST = 8
+# How many of the waiting wakes the FIFO check frees one GPU at a time for.
+ORDER_CHECKS = 20
 
 
 @dataclass
@@ -174,18 +177,29 @@ async def one_size(host_count: int, wakes: int, endpoints: int, tmp: Path) -> di
                     client.start_workflow(BenchRequester.run, WakeInput(settings.pool, f"ep{i % endpoints}", f"i{i}"),
                                           id=f"wake-{uid}-{i}", task_queue=settings.task_queue)
                     for i in range(wakes)])
-                first = handles[:min(capacity, wakes)]
-                results = await asyncio.gather(*[h.result() for h in first])
+                pending = {asyncio.ensure_future(h.result()): i for i, h in enumerate(handles)}
+                results, placed_ids = [], []
+                while len(results) < min(capacity, wakes):  # the ones that got a GPU at once
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        results.append(future.result())
+                        placed_ids.append(pending.pop(future))
                 placed_in = max(r.placed_at for r in results) - burst
                 order_kept = None
-                if wakes > capacity:
-                    # Release the first batch: those that waited are placed in the order they asked.
-                    waiting = handles[capacity:]
-                    for i in range(capacity):
+                if pending:
+                    # The rest wait. Freed one at a time, each GPU goes to the head of the queue.
+                    view = await pool.query("queue", result_type=PoolView)
+                    queued_order = [int(entry.instance_id[1:]) for entry in view.queue][:ORDER_CHECKS]
+                    by_index = {i: f for f, i in pending.items()}
+                    placed_order = []
+                    for i in placed_ids[:len(queued_order)]:
                         await pool.signal(SIGNAL_RELEASE, ReleaseRequest(f"i{i}"))
-                    later = await asyncio.gather(*[h.result() for h in waiting[:capacity]])
-                    times = [r.placed_at for r in later]
-                    order_kept = times == sorted(times)
+                        done, _ = await asyncio.wait([by_index[j] for j in queued_order if j not in placed_order],
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        placed_order += sorted(pending[f] for f in done)
+                    order_kept = placed_order == queued_order
+                    for future in pending:
+                        future.cancel()
                 per_host = {}
                 for r in results:
                     per_host[r.host] = per_host.get(r.host, 0) + 1

@@ -14,6 +14,7 @@ with `set_policy` — from the UI, the API or the Temporal CLI:
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -170,14 +171,20 @@ class PoolWorkflow:
         for grant in lost:
             # Its resources went with the host: the grant goes, and its instance hears it is lost.
             del self.state.grants[grant.instance_id]
-            await self._tell(grant.requester_workflow_id, SIGNAL_HOST_LOST,
-                             HostLost(grant.instance_id, name, f"host {name} is down ({reason})"))
+        await asyncio.gather(*[self._tell(g.requester_workflow_id, SIGNAL_HOST_LOST,
+                                          HostLost(g.instance_id, name, f"host {name} is down ({reason})"))
+                               for g in lost])
 
     async def _place_waiting(self) -> None:
-        for placement in pl.grantable(self.state):
-            self.state.queue = [r for r in self.state.queue if r.instance_id != placement.instance_id]
+        placed = pl.grantable(self.state)
+        if not placed:
+            return
+        granted = {p.instance_id for p in placed}
+        self.state.queue = [r for r in self.state.queue if r.instance_id not in granted]
+        for placement in placed:
             self.state.grants[placement.instance_id] = placement
-            await self._tell(placement.requester_workflow_id, SIGNAL_PLACED, placement)
+        # All answers leave in one workflow task (one round trip, not one per placement).
+        await asyncio.gather(*[self._tell(p.requester_workflow_id, SIGNAL_PLACED, p) for p in placed])
 
     async def _tell_unplaceable(self) -> None:
         """Requests that wait in a pool with no host up hear it once (a multi-pool endpoint then
