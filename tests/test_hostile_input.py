@@ -90,7 +90,7 @@ def test_nan_and_infinity_are_refused_and_never_stored(client, raw):
     response = client.post("/api/v1/endpoints", data=raw, content_type="application/json")
     assert_json_error(response, 400)
     listing = client.get("/api/v1/endpoints")
-    assert listing.status_code == 200 and strict_loads(listing.get_data()) == {"endpoints": []}
+    assert listing.status_code == 200 and strict_loads(listing.get_data()) == {"endpoints": [], "next": None}
 
 
 @pytest.mark.parametrize("route_param", [

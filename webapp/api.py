@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, request
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from webapp import api_keys
 from webapp.extensions import bridge, db, gpu_inventory, settings
+from webapp.listing import InvalidListQuery, endpoint_page, parse_list_query
 from webapp.spec import validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -95,9 +95,13 @@ def create_endpoint():
 
 @bp.get("/endpoints")
 def list_endpoints():
-    """All endpoints with their status."""
-    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name))
-    return {"endpoints": [endpoint_json(e) for e in endpoints]}
+    """One page of endpoints in name order (?limit, ?cursor from the last answer's `next`,
+    filters ?status, ?environment, ?prefix); `next` is null on the last page."""
+    try:
+        page = endpoint_page(parse_list_query(request.args))
+    except InvalidListQuery as exc:
+        return error(400, str(exc), exc.errors)
+    return {"endpoints": [endpoint_json(e) for e in page.endpoints], "next": page.next_cursor}
 
 
 @bp.get("/endpoints/<name>")

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from markupsafe import Markup
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from common.models import ENDPOINT_STATES, FAILED, TERMINATED, ApiKey, Endpoint
 from common.routes import normalize_routes
 from webapp import api_keys
 from webapp.drafts import drop_draft, load_draft, save_draft
 from webapp.extensions import bridge, db, gpu_inventory, settings
+from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
 from webapp.routes_view import model_version_label, param_summary, route_examples
-from common.spec_fields import SPEC
+from common.spec_fields import ENVIRONMENTS, SPEC
 from webapp.spec import spec_of, validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -99,9 +99,17 @@ def index():
 
 @bp.get("/endpoints")
 def list_endpoints():
-    """All endpoints with live status badges."""
-    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name)).all()
-    return render_template("endpoints.html", endpoints=endpoints)
+    """One page of endpoints with live status badges, a filter form and a link to the next page."""
+    try:
+        query = parse_list_query(request.args, default_limit=UI_DEFAULT_LIMIT)
+    except InvalidListQuery as exc:
+        return _endpoint_list(Page(), ListQuery(limit=UI_DEFAULT_LIMIT), exc.errors), 400
+    return _endpoint_list(endpoint_page(query), query, {})
+
+
+def _endpoint_list(page: Page, query: ListQuery, problems: dict[str, str]):
+    return render_template("endpoints.html", page=page, query=query, problems=problems, args=request.args,
+                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT)
 
 
 @bp.route("/endpoints/new", methods=["GET", "POST"])
