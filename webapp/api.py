@@ -1,13 +1,14 @@
 """JSON API under /api/v1 (DESIGN.md "The JSON API"). Errors are JSON: {"error": ..., "errors": {...}}."""
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from webapp import api_keys
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.listing import InvalidListQuery, endpoint_page, parse_list_query
+from webapp.openapi import document
 from webapp.spec import validate_spec
 from webapp.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.views_common import (
@@ -223,3 +224,10 @@ def revoke_key(name: str, key_id: int):
     api_keys.revoke_key(db.session, key)
     db.session.commit()
     return {"revoked": key_id}
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """This API in OpenAPI 3.1: every route, its parameters, bodies and answers, errors included; the spec
+    fields' schemas come from their declarations (common/spec_fields.py). Read it as a page at /docs/api."""
+    return document(current_app)

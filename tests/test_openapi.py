@@ -1,0 +1,162 @@
+"""The OpenAPI document of /api/v1 (webapp/openapi.py): valid OpenAPI 3.1, every route of the app in
+it, the spec's schema derived from the declarations, and real answers, errors included, matching
+it. Temporal is a closed port (actions answer their documented 503); rows the worker would write
+are written directly. tests/test_api_contract.py runs schemathesis against the live app."""
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import schemathesis
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from sqlalchemy import select
+
+from common.models import RUNNING, STOPPED, Endpoint, Instance
+from common.routes import PARAM_KEYS, ROUTE_KEYS
+from common.spec_fields import SPEC
+from webapp.extensions import db
+from webapp.openapi import api_rules
+
+CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
+SERVER = {"start_command": "python -m http.server $PORT"}
+
+
+@pytest.fixture
+def doc(client):
+    response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    return response.get_json()
+
+
+def test_the_document_is_valid_openapi_3_1(doc):
+    assert doc["openapi"].startswith("3.1")
+    schemathesis.openapi.from_dict(doc).validate()  # against the OpenAPI 3.1 meta-schema
+
+
+def test_every_route_of_the_api_is_documented_and_nothing_else(app, doc):
+    routes = {(path, method) for path, method, _, _ in api_rules(app)}
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    assert routes - documented == set(), "routes missing from the OpenAPI document (webapp/openapi.py OPERATIONS)"
+    assert documented - routes == set(), "documented operations that are not routes of the app"
+    assert len(routes) >= 18  # the API and the model registry, not an empty map
+    for path, method, _, arguments in api_rules(app):
+        declared = [p["name"] for p in doc["paths"][path][method].get("parameters", []) if p["in"] == "path"]
+        assert declared == arguments, (path, method)
+
+
+def test_the_spec_schema_comes_from_the_declarations(doc):
+    spec = doc["components"]["schemas"]["EndpointSpec"]
+    assert list(spec["properties"]) == [f.name for f in SPEC] and spec["required"] == ["name"]
+    assert spec["additionalProperties"] is False  # unknown fields are refused
+    for f in SPEC:
+        schema = spec["properties"][f.name]
+        assert schema["x-edit-class"] == f.edit and schema["title"] == f.label, f.name
+        assert schema.get("description", "") == f.help, f.name
+        if f.name != "name":
+            assert schema["default"] == f.default, f.name
+        if f.choices:
+            assert schema["enum"] == list(f.choices), f.name
+        if f.max_length:
+            assert schema["maxLength"] == f.max_length, f.name
+        if f.low is not None and f.name != "startup_timeout_seconds":
+            assert schema["exclusiveMinimum" if f.above_low else "minimum"] == f.low and schema["maximum"] == f.high
+    # The settings narrow the startup timeout a request may set (README.md "Spec limits").
+    timeout = spec["properties"]["startup_timeout_seconds"]
+    assert (timeout["minimum"], timeout["maximum"]) == (180, 7200)
+    assert doc["components"]["schemas"]["Endpoint"]["properties"]["startup_timeout_seconds"]["minimum"] == 1
+
+
+def test_the_route_template_schema_names_every_key(doc):
+    route = doc["components"]["schemas"]["Route"]
+    assert set(route["properties"]) == set(ROUTE_KEYS)
+    assert set(route["properties"]["params"]["items"]["properties"]) == set(PARAM_KEYS)
+
+
+class Contract:
+    """Sends requests through the test client and checks each answer against the document."""
+
+    def __init__(self, client, doc):
+        self.client, self.schema, self.seen = client, schemathesis.openapi.from_dict(doc), set()
+
+    def __call__(self, method: str, path: str, expect: int, query: str = "", **kwargs):
+        """`path` is the document's (/api/v1/endpoints/{name}); its parameters are keyword arguments."""
+        arguments = {name: kwargs.pop(name) for name in re.findall(r"{(\w+)}", path)}
+        response = self.client.open(path.format(**arguments) + query, method=method, **kwargs)
+        operation = self.schema[path][method]
+        operation.Case(path_parameters=arguments).validate_response(response, checks=CHECKS)
+        assert response.status_code == expect, (method, path, arguments, response.get_json())
+        self.seen.add((operation.label, response.status_code))
+        return response.get_json()
+
+
+def test_real_answers_match_the_document(app, client, doc):
+    call = Contract(client, doc)
+    endpoints, one = "/api/v1/endpoints", "/api/v1/endpoints/{name}"
+    action, logs = "/api/v1/endpoints/{name}/{action}", "/api/v1/endpoints/{name}/logs"
+    created = call("POST", endpoints, 503, json={"name": "tts", **SERVER, "env": [
+        {"key": "TOKEN", "value": "s", "secret": True}]})
+    assert created["endpoint"]["env"][0]["value"] is None
+    call("POST", endpoints, 400, json={"name": "Bad name", "port": 0})
+    call("POST", endpoints, 400, data="{", content_type="application/json")
+    call("POST", endpoints, 415, data="name=x", content_type="application/x-www-form-urlencoded")
+    call("POST", endpoints, 403, json={"name": "x"}, headers={"Origin": "http://evil.example"})
+    call("POST", endpoints, 413, data="[" + " " * (1024 * 1024) + "]", content_type="application/json")
+    call("GET", endpoints, 200, query="?limit=1")
+    call("GET", endpoints, 400, query="?cursor=nope")
+    call("GET", endpoints, 400, headers={"Host": "elsewhere.example"})
+    call("GET", endpoints, 414, query="?prefix=" + "a" * 5000)
+    call("GET", one, 200, name="tts")
+    call("GET", one, 404, name="nope")
+    call("PATCH", one, 503, name="tts", json={"description": "spoken"})  # saved, the workflow not told
+    call("PATCH", one, 400, name="tts", json={"disk_gb": 20})
+    call("PATCH", one, 200, name="tts", json={})  # nothing to change
+    call("POST", action, 503, name="tts", action="wake")
+    call("POST", action, 404, name="tts", action="nope")
+    call("GET", "/api/v1/endpoints/{name}/workflow", 503, name="tts")
+    with app.app_context():  # what the worker writes: a running instance
+        endpoint = db.session.scalar(select(Endpoint).where(Endpoint.name == "tts"))
+        endpoint.status = RUNNING
+        db.session.add(Instance(id="abcdefgh", endpoint_id=endpoint.id, status="ready", host="h",
+                                address="127.0.0.1:1", gpus=[0], gpu_type="T4", gpu_seconds=2.5))
+        db.session.commit()
+    assert call("PATCH", one, 409, name="tts", json={"port": 9000})["restart_required"] == ["port"]
+    assert call("GET", "/api/v1/endpoints/{name}/instances", 200, name="tts")["instances"][0]["id"] == "abcdefgh"
+    call("GET", "/api/v1/endpoints/{name}/events", 200, name="tts")
+    call("GET", logs, 200, name="tts", query="?lines=5")
+    call("GET", logs, 400, name="tts", query="?lines=0")
+    call("GET", logs, 404, name="tts", query="?instance=zz")
+    with app.app_context():
+        db.session.scalar(select(Endpoint).where(Endpoint.name == "tts")).status = STOPPED
+        db.session.commit()
+    call("POST", action, 409, name="tts", action="wake")
+
+    keys, key_path = "/api/v1/endpoints/{name}/keys", "/api/v1/endpoints/{name}/keys/{key_id}"
+    key = call("POST", keys, 201, name="tts", json={"name": "ci"})
+    call("POST", keys, 201, name="tts")  # no body: a key without a name
+    call("POST", keys, 400, name="tts", json={"name": 7})
+    call("GET", keys, 200, name="tts")
+    call("DELETE", key_path, 200, name="tts", key_id=key["id"])
+    call("DELETE", key_path, 404, name="tts", key_id=key["id"])
+    listed = call("GET", endpoints, 200)
+    assert listed["endpoints"][0]["has_api_keys"] is True and listed["next"] is None
+
+    versions, version = "/api/v1/models/{name}/versions", "/api/v1/models/{name}/versions/{number}"
+    call("POST", "/api/v1/models", 201, json={"name": "arith", "description": "adds"})
+    call("POST", "/api/v1/models", 400, json={"name": "arith"})
+    call("POST", versions, 201, name="arith", json={"git_url": "https://example.com/m.git", "git_ref": "main"})
+    call("POST", versions, 400, name="arith", json={"git_url": "ext::sh", "git_ref": "main"})
+    call("POST", versions, 400, name="arith", data={"archive": (io.BytesIO(b"not an archive"), "m.zip")},
+         content_type="multipart/form-data")
+    call("POST", versions, 404, name="nope", json={"git_url": "https://example.com/m.git", "git_ref": "main"})
+    call("GET", "/api/v1/models", 200)
+    call("GET", "/api/v1/models/{name}", 200, name="arith")
+    call("GET", version, 200, name="arith", number=1)
+    call("GET", version, 404, name="arith", number=2)
+    call("GET", "/api/v1/openapi.json", 200)
+    every_operation = {f"{method.upper()} {path}" for path, item in doc["paths"].items() for method in item}
+    assert {label for label, _ in call.seen} == every_operation
