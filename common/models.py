@@ -32,6 +32,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# The largest id of a row: ids are Integer columns, 32-bit on PostgreSQL. A URL naming a larger one
+# names no row (and must not reach the database, whose driver would overflow).
+MAX_ROW_ID = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list: JSON}
 

@@ -136,6 +136,9 @@ def test_api_errors_are_json(client):
     assert "GET" in response.headers["Allow"]
     assert_json_error(client.get("/api/v1/endpoints/nope"), 404, "no endpoint named")
     assert_json_error(client.post("/api/v1/endpoints", data="{", content_type="application/json"), 400)
+    # A method or path the app does not have says so, whatever the body (found by schemathesis).
+    assert_json_error(client.put("/api/v1/models/m/versions", data="x", content_type="text/plain"), 405)
+    assert_json_error(client.post("/api/v1/no-such-thing", data="x", content_type="text/plain"), 404)
 
 
 # ---- hosts ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ it. Temporal is a closed port (actions answer their documented 503); rows the wo
 are written directly. tests/test_api_contract.py runs schemathesis against the live app."""
 from __future__ import annotations
 
+import html
 import io
 import re
 
@@ -142,6 +143,7 @@ def test_real_answers_match_the_document(app, client, doc):
     call("GET", keys, 200, name="tts")
     call("DELETE", key_path, 200, name="tts", key_id=key["id"])
     call("DELETE", key_path, 404, name="tts", key_id=key["id"])
+    call("DELETE", key_path, 404, name="tts", key_id=2**64)  # past any id: no row, not a driver overflow
     listed = call("GET", endpoints, 200)
     assert listed["endpoints"][0]["has_api_keys"] is True and listed["next"] is None
 
@@ -157,6 +159,26 @@ def test_real_answers_match_the_document(app, client, doc):
     call("GET", "/api/v1/models/{name}", 200, name="arith")
     call("GET", version, 200, name="arith", number=1)
     call("GET", version, 404, name="arith", number=2)
+    call("GET", version, 404, name="arith", number=10**30)
     call("GET", "/api/v1/openapi.json", 200)
     every_operation = {f"{method.upper()} {path}" for path, item in doc["paths"].items() for method in item}
     assert {label for label, _ in call.seen} == every_operation
+
+
+def test_the_reference_page_shows_the_whole_document_without_javascript_or_other_sites(client, doc):
+    response = client.get("/docs/api")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    page = html.unescape(response.get_data(as_text=True))
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            assert f'id="op-{operation["operationId"]}"' in page and path in page and operation["summary"] in page
+    for name in doc["components"]["schemas"]:
+        assert f'id="schema-{name}"' in page
+    spec = page[page.index('id="schema-EndpointSpec"'):page.index('id="schema-EndpointSpecChange"')]
+    for f in SPEC:
+        assert re.search(rf"<code>{f.name}</code>.*?edit-{f.edit}", spec, re.S), f.name
+    assert "integer, 1 – 65535" in spec and "number, more than 0, at most 1024" in spec
+    assert 'href="/api/v1/openapi.json"' in page
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the page loads nothing from another site"
+    assert re.findall(r"<script[^>]*>", page) == ['<script src="/static/app.js">']  # the app's own, optional
+    assert 'href="/docs/api"' in client.get("/endpoints").get_data(as_text=True)  # in the navigation

@@ -13,10 +13,12 @@ from flask import Flask, Request, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf import CSRFProtect
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
+from werkzeug.routing import IntegerConverter
 
 from common import strict_json
 from common.config import Settings, load_settings
 from common.db import engine_options, install_sqlite_pragmas
+from common.models import MAX_ROW_ID
 from webapp.extensions import db
 from webapp.temporal_bridge import TemporalBridge
 
@@ -46,6 +48,14 @@ class StandbyRequest(Request):
         if e is not None:
             raise BadRequest(f"the body is not valid JSON ({str(e)[:200]}); send a JSON object")
         return super().on_json_loading_failed(e)
+
+
+class RowIdConverter(IntegerConverter):
+    """`<int:...>` in our URLs: a key id or a version number, both Integer columns. A larger number
+    names nothing: the URL does not match (404) instead of overflowing the database driver (500)."""
+
+    def __init__(self, map, **kwargs):
+        super().__init__(map, **{"max": MAX_ROW_ID, **kwargs})
 
 
 def api_error(status: int, message: str):
@@ -78,6 +88,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     # `//` in a path is a 404 (JSON under /api/), not a redirect Flask answers with an HTML page
     # past the app's error handlers.
     app.url_map.merge_slashes = False
+    app.url_map.converters["int"] = RowIdConverter
     app.json_provider_class = StrictJSONProvider
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(

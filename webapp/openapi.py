@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Flask
 
-from common.models import ENDPOINT_STATES
+from common.models import ENDPOINT_STATES, MAX_ROW_ID
 from common.spec_fields import BY_NAME, ENVIRONMENTS
 from webapp import MAX_JSON_BODY_BYTES
 from webapp.listing import DEFAULT_LIMIT, MAX_LIMIT
@@ -144,12 +144,13 @@ OPERATIONS: dict[str, Operation] = {
     "api.openapi_document": Operation("This document", "meta", {200: ("OpenAPI 3.1.", {"type": "object"})}),
 }
 
+ROW_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ROW_ID}
 PATH_PARAMETERS = {
     "name": lambda tag: {"schema": NAME, "description": "The model's name." if tag == "models" else
                          "The endpoint's name."},
     "action": lambda tag: {"schema": {"type": "string", "enum": list(ACTIONS)}},
-    "key_id": lambda tag: {"schema": {"type": "integer", "minimum": 0}, "description": "The key's id."},
-    "number": lambda tag: {"schema": {"type": "integer", "minimum": 0}, "description": "The version's number."},
+    "key_id": lambda tag: {"schema": ROW_ID, "description": "The key's id."},
+    "number": lambda tag: {"schema": ROW_ID, "description": "The version's number."},
 }
 
 DESCRIPTION = f"""The JSON API of a Standby web app (README.md "JSON API").

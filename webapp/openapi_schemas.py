@@ -29,13 +29,15 @@ def ref(name: str) -> dict:
 
 
 def obj(properties: dict[str, Any], *, required: tuple[str, ...] | str = "all", description: str = "",
-        additional: bool = False) -> dict:
+        additional: bool = False, example: dict | None = None) -> dict:
     """An object schema; by default every property is required and no other key is allowed."""
     schema: dict[str, Any] = {"type": "object", "properties": properties,
                               "required": list(properties) if required == "all" else list(required),
                               "additionalProperties": additional}
     if description:
         schema["description"] = description
+    if example is not None:
+        schema["examples"] = [example]
     return schema
 
 
@@ -173,9 +175,9 @@ def _registry() -> dict[str, dict]:
     return {
         "Model": model, "ModelVersion": version, "ModelList": obj({"models": array(ref("Model"))}),
         "NewModel": obj({"name": NAME, "description": {"type": "string", "maxLength": 2000}},
-                        required=("name",), additional=True),
+                        required=("name",), additional=True, example={"name": "arith", "description": "adds"}),
         "GitVersion": obj({"git_url": {"type": "string", "minLength": 1}, "git_ref": {"type": "string", "minLength": 1}},
-                          additional=True),
+                          additional=True, example={"git_url": "https://github.com/you/model.git", "git_ref": "main"}),
         "ArchiveUpload": obj({"archive": {"type": "string", "contentMediaType": "application/octet-stream",
                                           "description": "A .tar.gz, .tgz or .zip of the model code."}}),
     }
@@ -190,10 +192,12 @@ def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
     return {
         "EndpointSpec": obj(spec_properties(request_bounds), required=("name",),
                             description="A new endpoint's spec; fields left out take their default. "
-                                        + _edit_classes_text()),
+                                        + _edit_classes_text(),
+                            example={"name": "echo", "start_command": "python3 -m http.server $PORT",
+                                     "idle_retention_seconds": 120}),
         "EndpointSpecChange": obj(spec_properties(request_bounds), required=(),
                                   description="The spec fields to change; `name` may only repeat the endpoint's. "
-                                              + _edit_classes_text()),
+                                              + _edit_classes_text(), example={"max_instances": 2}),
         "EnvVar": obj({"key": {"type": "string", "pattern": ENV_KEY_RE.pattern},
                        "value": {"type": ["string", "null"], "maxLength": ENV_VALUE_MAX,
                                  "description": "null for a secret: never shown in an answer; in a change, "
@@ -223,7 +227,8 @@ def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
         "ApiKey": obj(key),
         "NewApiKey": obj({**key, "key": {"type": "string", "description": "Shown in this answer only."}}),
         "ApiKeyList": obj({"keys": array(ref("ApiKey"))}),
-        "ApiKeyRequest": obj({"name": {"type": ["string", "null"], "maxLength": 64}}, required=(), additional=True),
+        "ApiKeyRequest": obj({"name": {"type": ["string", "null"], "maxLength": 64}}, required=(), additional=True,
+                             example={"name": "ci"}),
         "Revoked": obj({"revoked": {"type": "integer"}}),
         "Error": _error(),
         **_registry(),
