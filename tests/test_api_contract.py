@@ -14,6 +14,7 @@ prints the request that shows it, as a curl command line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def live_api(tmp_path):
     for app in web_app(tmp_path):
         seed(app)
         tally = StatusTally(app)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # thousands of requests: no line each
         server = make_server("127.0.0.1", 0, tally, threaded=True)
         thread = threading.Thread(target=server.serve_forever, name="live-api", daemon=True)
         thread.start()
