@@ -20,13 +20,11 @@ import logging
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import requests
 from sqlalchemy import event
-from werkzeug.serving import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,7 +32,7 @@ from common.config import load_settings  # noqa: E402
 from common.db import Database  # noqa: E402
 from common.models import RUNNING, STANDBY, STOPPED, Endpoint, Instance  # noqa: E402
 from common.schema import upgrade  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, served  # noqa: E402
 from webapp import api_keys, create_app  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.spec import validate_spec  # noqa: E402
@@ -106,22 +104,17 @@ def main() -> None:
         write_endpoints(settings, args.endpoints, args.instances)
         app = create_app({"STANDBY_SETTINGS": settings, "SECRET_KEY": "bench"})
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{server.server_port}"
-        middle = requests.get(f"{base}/api/v1/endpoints?limit={args.endpoints // 2}").json().get("next")
-        cases = [  # (label, url, its baseline's url)
-            ("API, first page of 50", "/api/v1/endpoints?limit=50", "/api/v1/endpoints?limit=1"),
-            ("API, a page of 50 mid-list", f"/api/v1/endpoints?limit=50&cursor={middle}", "/api/v1/endpoints?limit=1"),
-            ("API, filtered (status) page", "/api/v1/endpoints?limit=50&status=running",
-             "/api/v1/endpoints?limit=1"),
-            (f"API, all {args.endpoints} in one page", f"/api/v1/endpoints?limit={args.endpoints}",
-             "/api/v1/endpoints?limit=1"),
-            ("list page (50 a page)", "/endpoints", "/endpoints?limit=1"),
-        ]
         try:
-            with requests.Session() as session:
+            with served(app) as base, requests.Session() as session:
+                middle = session.get(f"{base}/api/v1/endpoints?limit={args.endpoints // 2}").json()["next"]
+                page_of_1 = "/api/v1/endpoints?limit=1"
+                cases = [  # (what, its URL, its baseline's URL)
+                    ("API, first page of 50", "/api/v1/endpoints?limit=50", page_of_1),
+                    ("API, a page of 50 mid-list", f"/api/v1/endpoints?limit=50&cursor={middle}", page_of_1),
+                    ("API, filtered (status) page", "/api/v1/endpoints?limit=50&status=running", page_of_1),
+                    (f"API, all {args.endpoints} in one page", f"/api/v1/endpoints?limit={args.endpoints}", page_of_1),
+                    ("list page (50 a page)", "/endpoints", "/endpoints?limit=1"),
+                ]
                 print(f"{args.endpoints} endpoints, {args.instances} instances each; median / p90 of {args.runs} "
                       "requests, ms")
                 print(f"{'request':36} {'median':>8} {'p90':>8} {'page of 1':>10} {'ratio':>6} {'SQL':>4}")
@@ -132,8 +125,6 @@ def main() -> None:
                     print(f"{label:36} {median:8.1f} {p90:8.1f} {baseline:10.1f} {median / baseline:6.2f} "
                           f"{statements:4d}")
         finally:
-            server.shutdown()
-            thread.join(10)
             app.extensions["temporal_bridge"].close()
 
 

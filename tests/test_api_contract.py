@@ -22,10 +22,9 @@ import threading
 from collections import Counter
 
 import pytest
-from werkzeug.serving import make_server
 
 from common.models import RUNNING, STANDBY, STOPPED, Endpoint, Instance
-from tests.conftest import ROOT, web_app
+from tests.conftest import ROOT, served, web_app
 from tests.contract_hooks import SEEDED
 from webapp import api_keys
 from webapp.extensions import db
@@ -77,14 +76,8 @@ def live_api(tmp_path):
         seed(app)
         tally = StatusTally(app)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # thousands of requests: no line each
-        server = make_server("127.0.0.1", 0, tally, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, name="live-api", daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_port}", tally
-        finally:
-            server.shutdown()
-            thread.join(10)
+        with served(tally) as url:
+            yield url, tally
 
 
 def test_schemathesis_finds_no_answer_outside_the_document(live_api, tmp_path):
