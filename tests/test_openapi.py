@@ -116,6 +116,9 @@ def test_real_answers_match_the_document(app, client, doc):
     call("PATCH", one, 503, name="tts", json={"description": "spoken"})  # saved, the workflow not told
     call("PATCH", one, 400, name="tts", json={"disk_gb": 20})
     call("PATCH", one, 200, name="tts", json={})  # nothing to change
+    # A server keeps nothing of a routes source: unchecked templates were stored and served back.
+    refused = call("PATCH", one, 400, name="tts", json={"routes": [{"params": [{"regex": [1]}]}], "git_ref": "x"})
+    assert set(refused["errors"]) == {"routes", "git_ref"} and "source_kind: routes" in refused["errors"]["routes"]
     call("POST", action, 503, name="tts", action="wake")
     call("POST", action, 404, name="tts", action="nope")
     call("GET", "/api/v1/endpoints/{name}/workflow", 503, name="tts")
