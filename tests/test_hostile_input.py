@@ -120,6 +120,20 @@ def test_deeply_nested_bodies_are_400(client, method, path, depth):
     assert_json_error(response, 400, "nests deeper than 32 levels")
 
 
+@pytest.mark.parametrize("method, path", [("post", "/api/v1/endpoints"), ("patch", "/api/v1/endpoints/base"),
+                                          ("post", "/api/v1/models"), ("post", "/api/v1/endpoints/base/keys")])
+@pytest.mark.parametrize("body", ['{"name": "x", "description": "ok \\ud800"}', '{"name": "\\udfff"}',
+                                  '{"name": "x", "env": [{"key": "A", "value": "\\udc00\\ud800"}]}',
+                                  '{"\\ud83d": 1}'])
+def test_half_characters_are_400_not_a_500_when_stored(client, method, path, body):
+    assert create(client, name="base").status_code in (201, 503)
+    response = getattr(client, method)(path, data=body, content_type="application/json")
+    assert_json_error(response, 400, "surrogate pair")
+    paired = getattr(client, method)(path, data=body.replace("\\ud800", "\\ud83d\\ude00"),
+                                     content_type="application/json")
+    assert paired.status_code < 500
+
+
 def test_body_size_is_bounded(client):
     response = create(client, description="x" * (2 * 1024 * 1024))
     assert_json_error(response, 413)
