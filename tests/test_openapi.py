@@ -103,6 +103,10 @@ def test_real_answers_match_the_document(app, client, doc):
         {"key": "TOKEN", "value": "s", "secret": True}]})
     assert created["endpoint"]["env"][0]["value"] is None
     call("POST", endpoints, 400, json={"name": "Bad name", "port": 0})
+    routed = call("POST", endpoints, 503, json={  # saved; identifiers of Python may be any letters
+        "name": "routed", "source_kind": "routes", "git_url": "https://example.com/m.git", "git_ref": "main",
+        "routes": [{"path": "/p", "file": "p.py", "function": "prédire", "params": [{"name": "é", "type": "str"}]}]})
+    assert routed["endpoint"]["routes"][0]["method"] == "POST"  # stored normalized
     call("POST", endpoints, 400, data="{", content_type="application/json")
     call("POST", endpoints, 415, data="name=x", content_type="application/x-www-form-urlencoded")
     call("POST", endpoints, 403, json={"name": "x"}, headers={"Origin": "http://evil.example"})
@@ -148,7 +152,7 @@ def test_real_answers_match_the_document(app, client, doc):
     call("DELETE", key_path, 404, name="tts", key_id=key["id"])
     call("DELETE", key_path, 404, name="tts", key_id=2**64)  # past any id: no row, not a driver overflow
     listed = call("GET", endpoints, 200)
-    assert listed["endpoints"][0]["has_api_keys"] is True and listed["next"] is None
+    assert [e["has_api_keys"] for e in listed["endpoints"]] == [False, True] and listed["next"] is None
 
     versions, version = "/api/v1/models/{name}/versions", "/api/v1/models/{name}/versions/{number}"
     call("POST", "/api/v1/models", 201, json={"name": "arith", "description": "adds"})

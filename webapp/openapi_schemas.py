@@ -144,7 +144,7 @@ def _error() -> dict:
 
 def _route() -> dict:
     param = obj({
-        "name": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+        "name": {"type": "string", "minLength": 1, "description": "A Python identifier."},
         "type": {"type": "string", "enum": list(PARAM_TYPES)},
         "required": {"type": "boolean"}, "default": {}, "ge": {"type": "number"}, "le": {"type": "number"},
         "choices": {**array({}), "minItems": 1}, "regex": {"type": "string", "description": "RE2, whole value."},
@@ -154,7 +154,7 @@ def _route() -> dict:
     return obj({
         "method": {"type": "string", "enum": list(METHODS), "default": "POST"},
         "path": {"type": "string", "pattern": "^/"}, "file": {"type": "string", "minLength": 1},
-        "function": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+        "function": {"type": "string", "minLength": 1, "description": "A function of the file: a Python identifier."},
         "call": {"type": "string", "enum": list(CALL_STYLES), "default": "keyword"},
         "params": array(param),
     }, required=("path", "file", "function"), description="HTTP verb + path -> file + function (README.md "
