@@ -11,8 +11,8 @@ from webapp import api_keys
 from webapp.api_docs import code_spans, reference
 from webapp.drafts import drop_draft, load_draft, save_draft
 from webapp.extensions import bridge, db, gpu_inventory, settings
-from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
+from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
 from webapp.openapi import document
 from webapp.routes_view import model_version_label, param_summary, route_examples
 from common.spec_fields import ENVIRONMENTS, SPEC
