@@ -32,19 +32,25 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# The largest id of a row: ids are Integer columns, 32-bit on PostgreSQL. A URL naming a larger one
+# names no row (and must not reach the database, whose driver would overflow).
+MAX_ROW_ID = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list: JSON}
 
 
-# Endpoint states shown to users.
-QUEUED, STARTING, RUNNING, STANDBY = "queued", "starting", "running", "standby"
+# Endpoint states shown to users; `creating` until the endpoint's workflow first reports one.
+CREATING, QUEUED, STARTING, RUNNING, STANDBY = "creating", "queued", "starting", "running", "standby"
 STOPPING, STOPPED, FAILED, TERMINATED = "stopping", "stopped", "failed", "terminated"
-ENDPOINT_STATES = (QUEUED, STARTING, RUNNING, STANDBY, STOPPING, STOPPED, FAILED, TERMINATED)
+ENDPOINT_STATES = (CREATING, QUEUED, STARTING, RUNNING, STANDBY, STOPPING, STOPPED, FAILED, TERMINATED)
 
 # Instance states. `ready` instances are the only ones the proxy routes to.
 I_QUEUED, I_PROVISIONING, I_STARTING, I_READY = "queued", "provisioning", "starting", "ready"
 I_DRAINING, I_STOPPING, I_STOPPED, I_FAILED = "draining", "stopping", "stopped", "failed"
 INSTANCE_LIVE_STATES = (I_QUEUED, I_PROVISIONING, I_STARTING, I_READY, I_DRAINING, I_STOPPING)
+INSTANCE_STATES = INSTANCE_LIVE_STATES + (I_STOPPED, I_FAILED)
 
 
 # The spec's columns, one per field declared in common/spec_fields.py (written by the web app only).
@@ -59,7 +65,7 @@ class Endpoint(EndpointSpecColumns, Base):
     spec_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     # ---- observed state: written by worker activities only ----
-    status: Mapped[str] = mapped_column(String(16), default="creating")
+    status: Mapped[str] = mapped_column(String(16), default=CREATING)
     status_reason: Mapped[str] = mapped_column(Text, default="")
     queue_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
     stopped_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -9,7 +9,7 @@ this table:
   declaration plus one migration (`python app.py db revision --autogenerate`);
 - the validation and its messages, the same for the JSON API and the forms (webapp/spec.py);
 - the create/edit form's fields and the review page (webapp/forms.py, templates);
-- the OpenAPI schema of a spec (webapp/openapi.py);
+- the OpenAPI schema of a spec (webapp/openapi_schemas.py);
 - the lifecycle's `LifecycleSpec` (workflows/activity_types.py) and the proxy's `EndpointView`
   (proxy/routing_view.py): the fields their readers name.
 

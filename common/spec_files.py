@@ -75,7 +75,7 @@ def _json_document(text: str, source: str) -> Any:
 def _check_value(value: Any, where: str) -> None:
     """Only what JSON can carry, and only finite numbers: the API takes nothing else."""
     try:
-        strict_json.check_depth(value)
+        strict_json.check_value(value)
     except strict_json.JSONRefused as exc:
         raise SpecFileError(f"{where}: {exc}") from None
     stack: list[tuple[Any, str]] = [(value, "")]

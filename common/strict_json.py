@@ -1,11 +1,14 @@
-"""Standard JSON only, both ways: no NaN or ±Infinity, and no nesting deeper than we ever need.
+"""Standard JSON only, both ways: no NaN or ±Infinity, no half characters, and no nesting deeper
+than we ever need.
 
 Python's `json` reads `NaN`, `Infinity` and numbers such as `1e400` (which become `inf`), and
 writes them back as the non-standard tokens `NaN` / `Infinity` that other JSON parsers refuse.
 A deeply nested document makes the C decoder raise `RecursionError`, and anything walking the
 value afterwards (validation, `repr` in a message, the database's JSON encoder) may recurse as
-deep. The web app reads every request body and the routes textarea through `loads`, and writes
-every answer through `dumps`, so neither can happen.
+deep. A string escape such as `"\\ud800"` (half of a UTF-16 surrogate pair) parses into a Python
+string that no UTF-8 encoder, and so no database, can store. The web app reads every request body
+and the routes textarea through `loads`, and writes every answer through `dumps`, so none of these
+can happen.
 """
 from __future__ import annotations
 
@@ -33,13 +36,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:
-    """JSONRefused when lists/objects nest deeper than `max_depth` (walked without recursion)."""
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise JSONRefused("a string holds half of a UTF-16 surrogate pair (a \\ud800-\\udfff escape alone), "
+                          "which is no character; send valid Unicode text") from None
+
+
+def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """JSONRefused when lists/objects nest deeper than `max_depth`, or a string holds an unpaired
+    surrogate (`"\\ud800"` parses, but no database or encoder can store it). Walked without recursion."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+            continue
         if isinstance(item, dict):
             children = item.values()
+            for key in item:
+                _check_text(key)
         elif isinstance(item, list):
             children = item
         else:
@@ -50,13 +67,14 @@ def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:
 
 
 def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
-    """`json.loads` that refuses NaN, ±Infinity, numbers out of float range and deep nesting,
+    """`json.loads` that refuses NaN, ±Infinity, numbers out of float range, deep nesting and
+    unpaired surrogates,
     raising JSONRefused / ValueError with a message fit for the user."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise JSONRefused(f"the JSON nests deeper than {max_depth} levels; flatten it") from None
-    check_depth(value, max_depth)
+    check_value(value, max_depth)
     return value
 
 

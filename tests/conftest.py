@@ -15,7 +15,9 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -317,6 +319,22 @@ def web_app(tmp_path, bridge=None, **env):
     app.extensions["temporal_bridge"].close()
     with app.app_context():
         db.engine.dispose()
+
+
+@contextmanager
+def served(wsgi_app) -> Iterator[str]:
+    """`wsgi_app` served over HTTP on a free loopback port by a thread; yields its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="served", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import temporal_bin, wait_until
+from tests.openapi_contract import ContractClient
 
 pytestmark = pytest.mark.timeout(180)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,6 +23,7 @@ def api(stack):
     from webapp import create_app
 
     app = create_app({"TESTING": True, "STANDBY_SETTINGS": stack.settings, "SECRET_KEY": "test"})
+    app.test_client_class = ContractClient  # every answer checked against the OpenAPI document
     with app.test_client() as client:
         yield client
 
@@ -83,6 +85,10 @@ def test_api_lifecycle(stack, api):
     assert api.post("/api/v1/endpoints/api-one/terminate").status_code == 202
     stack.wait_status("api-one", "terminated", 30)
     assert api.get("/api/v1/endpoints/api-one/instances").json["instances"] == []
+    # What only a running system answers matched the OpenAPI document too.
+    action = "POST /api/v1/endpoints/{name}/{action}"
+    assert {(action, 200), (action, 409), (action, 202), ("GET /api/v1/endpoints/{name}/workflow", 200),
+            ("POST /api/v1/endpoints", 201)} <= api.checked
 
 
 def test_temporal_cli_drives_the_endpoint(stack, api):

@@ -7,11 +7,10 @@ tmp dir for a human to look at."""
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
-from tests.conftest import web_app
+from tests.conftest import served, web_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,19 +25,12 @@ pytestmark = [
 
 @pytest.fixture
 def base_url(tmp_path):
-    from werkzeug.serving import make_server
-
     apps = web_app(tmp_path)
     app = next(apps)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        with served(app) as url:
+            yield url
     finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
         next(apps, None)  # the app fixture's cleanup
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from common.config import load_settings
 from common.models import ApiKey, Endpoint, Model, ModelVersion
-from tests.conftest import RecordingBridge, free_port
+from tests.conftest import RecordingBridge, free_port, served
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_hostile_input import mutating_api_rules
 
@@ -73,8 +73,6 @@ attack();
 @pytest.fixture
 def target(tmp_path):
     """The web app on 127.0.0.1 with a recording bridge; yields (base_url, app, bridge, hits)."""
-    from werkzeug.serving import make_server
-
     from common.schema import upgrade
     from webapp import create_app
     from webapp.extensions import db
@@ -92,15 +90,10 @@ def target(tmp_path):
         hits.append((request.method, request.path, response.status_code))
         return response
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", app, bridge, hits
+        with served(app) as url:
+            yield url, app, bridge, hits
     finally:
-        server.shutdown()
-        thread.join(10)
-        server.server_close()
         with app.app_context():
             db.engine.dispose()
 

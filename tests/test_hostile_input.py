@@ -90,7 +90,7 @@ def test_nan_and_infinity_are_refused_and_never_stored(client, raw):
     response = client.post("/api/v1/endpoints", data=raw, content_type="application/json")
     assert_json_error(response, 400)
     listing = client.get("/api/v1/endpoints")
-    assert listing.status_code == 200 and strict_loads(listing.get_data()) == {"endpoints": []}
+    assert listing.status_code == 200 and strict_loads(listing.get_data()) == {"endpoints": [], "next": None}
 
 
 @pytest.mark.parametrize("route_param", [
@@ -120,6 +120,20 @@ def test_deeply_nested_bodies_are_400(client, method, path, depth):
     assert_json_error(response, 400, "nests deeper than 32 levels")
 
 
+@pytest.mark.parametrize("method, path", [("post", "/api/v1/endpoints"), ("patch", "/api/v1/endpoints/base"),
+                                          ("post", "/api/v1/models"), ("post", "/api/v1/endpoints/base/keys")])
+@pytest.mark.parametrize("body", ['{"name": "x", "description": "ok \\ud800"}', '{"name": "\\udfff"}',
+                                  '{"name": "x", "env": [{"key": "A", "value": "\\udc00\\ud800"}]}',
+                                  '{"\\ud83d": 1}'])
+def test_half_characters_are_400_not_a_500_when_stored(client, method, path, body):
+    assert create(client, name="base").status_code in (201, 503)
+    response = getattr(client, method)(path, data=body, content_type="application/json")
+    assert_json_error(response, 400, "surrogate pair")
+    paired = getattr(client, method)(path, data=body.replace("\\ud800", "\\ud83d\\ude00"),
+                                     content_type="application/json")
+    assert paired.status_code < 500
+
+
 def test_body_size_is_bounded(client):
     response = create(client, description="x" * (2 * 1024 * 1024))
     assert_json_error(response, 413)
@@ -136,6 +150,9 @@ def test_api_errors_are_json(client):
     assert "GET" in response.headers["Allow"]
     assert_json_error(client.get("/api/v1/endpoints/nope"), 404, "no endpoint named")
     assert_json_error(client.post("/api/v1/endpoints", data="{", content_type="application/json"), 400)
+    # A method or path the app does not have says so, whatever the body (found by schemathesis).
+    assert_json_error(client.put("/api/v1/models/m/versions", data="x", content_type="text/plain"), 405)
+    assert_json_error(client.post("/api/v1/no-such-thing", data="x", content_type="text/plain"), 404)
 
 
 # ---- hosts ------------------------------------------------------------------------------------------

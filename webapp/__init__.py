@@ -13,10 +13,12 @@ from flask import Flask, Request, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf import CSRFProtect
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
+from werkzeug.routing import IntegerConverter
 
 from common import strict_json
 from common.config import Settings, load_settings
 from common.db import engine_options, install_sqlite_pragmas
+from common.models import MAX_ROW_ID
 from common.temporal_bridge import TemporalBridge
 from webapp.extensions import db
 
@@ -49,6 +51,14 @@ class StandbyRequest(Request):
         return super().on_json_loading_failed(e)
 
 
+class RowIdConverter(IntegerConverter):
+    """`<int:...>` in our URLs: a key id or a version number, both Integer columns. A larger number
+    names nothing: the URL does not match (404) instead of overflowing the database driver (500)."""
+
+    def __init__(self, map, **kwargs):
+        super().__init__(map, **{"max": MAX_ROW_ID, **kwargs})
+
+
 def api_error(status: int, message: str):
     """The JSON API's error answer (the same shape as webapp/api.py's)."""
     return {"error": message, "errors": {}}, status
@@ -79,6 +89,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     # `//` in a path is a 404 (JSON under /api/), not a redirect Flask answers with an HTML page
     # past the app's error handlers.
     app.url_map.merge_slashes = False
+    app.url_map.converters["int"] = RowIdConverter
     app.json_provider_class = StrictJSONProvider
     app.json = StrictJSONProvider(app)
     app.config.from_mapping(

@@ -3,7 +3,7 @@
 Errors are JSON: {"error": ..., "errors": {...}}."""
 from __future__ import annotations
 
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -11,6 +11,8 @@ from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from webapp import api_keys
 from webapp.extensions import bridge, db, gpu_inventory, settings
+from webapp.listing import InvalidListQuery, endpoint_page, parse_list_query
+from webapp.openapi import document
 from webapp.spec import DEFAULTS, changes, validate_spec
 from webapp.views_common import (
     ACTIONS,
@@ -116,9 +118,13 @@ def create_endpoint():
 
 @bp.get("/endpoints")
 def list_endpoints():
-    """All endpoints with their status."""
-    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name))
-    return {"endpoints": [endpoint_json(e) for e in endpoints]}
+    """One page of endpoints in name order (?limit, ?cursor from the last answer's `next`,
+    filters ?status, ?environment, ?prefix); `next` is null on the last page."""
+    try:
+        page = endpoint_page(parse_list_query(request.args))
+    except InvalidListQuery as exc:
+        return error(400, str(exc), exc.errors)
+    return {"endpoints": [endpoint_json(e) for e in page.endpoints], "next": page.next_cursor}
 
 
 @bp.get("/endpoints/<name>")
@@ -302,3 +308,10 @@ def revoke_key(name: str, key_id: int):
     api_keys.revoke_key(db.session, key)
     db.session.commit()
     return {"revoked": key_id}
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """This API in OpenAPI 3.1: every route, its parameters, bodies and answers, errors included; the spec
+    fields' schemas come from their declarations (common/spec_fields.py). Read it as a page at /docs/api."""
+    return document(current_app)

@@ -25,6 +25,7 @@ from common.git_source import git_ref_error, git_url_error
 from common.models import Model, ModelVersion
 from webapp.extensions import db, settings
 from webapp.request_guard import allows_upload
+from webapp.views_common import iso
 
 bp = Blueprint("registry", __name__)
 
@@ -159,7 +160,7 @@ def add_git_version(model: Model, git_url: str, git_ref: str) -> ModelVersion:
 
 def version_json(version: ModelVersion, model_name: str) -> dict:
     body = {"model": model_name, "number": version.number, "id": version.id, "kind": version.kind,
-            "created_at": version.created_at.isoformat() if version.created_at else None}
+            "created_at": iso(version.created_at)}
     if version.kind == "archive":
         body.update(archive_size=version.archive_size, archive_sha256=version.archive_sha256,
                     archive_path=version.archive_path)
@@ -170,7 +171,7 @@ def version_json(version: ModelVersion, model_name: str) -> dict:
 
 def model_json(model: Model, with_versions: bool = True) -> dict:
     body = {"name": model.name, "description": model.description,
-            "created_at": model.created_at.isoformat() if model.created_at else None,
+            "created_at": iso(model.created_at),
             "latest_version": model.versions[-1].number if model.versions else None}
     if with_versions:
         body["versions"] = [version_json(v, model.name) for v in model.versions]

@@ -133,6 +133,8 @@ def install(app: Flask, json_error: Callable[[int, str], object]) -> None:
             return json_error(414, message) if api else (message, 414, {"Content-Type": "text/plain; charset=utf-8"})
         if not api or request.method not in MUTATING_METHODS:
             return None
+        if request.routing_exception is not None:
+            return None  # no such path or method: its 404 / 405 says more than a check of the body
         refusal = cross_site_refusal()
         if refusal:
             return json_error(403, refusal)

@@ -55,6 +55,8 @@ NUMERIC_LIMITS: dict[str, Limit] = {f.name: Limit(f.low, f.high, f.why, f.above_
 TEXT_LIMITS: dict[str, tuple[int, bool]] = {f.name: (f.max_length, f.multiline)
                                             for f in SPEC if f.kind == TEXT and f.name != "name"}
 ENV_VALUE_MAX = 32768
+# What only a routes source has besides its model version (which the form keeps for either kind).
+ROUTES_SOURCE_FIELDS = ("git_url", "git_ref", "routes")
 # Digits of a whole number we read at all: more than any limit above needs, far fewer than the
 # thousands Python refuses to convert.
 _MAX_DIGITS = 20
@@ -467,6 +469,12 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
             errors.setdefault("model_version_id", f"model version {version_id} does not exist; "
                                                   "register one under /api/v1/models first")
     if clean.get("source_kind") == "server":
+        # A server keeps nothing of a routes source: unchecked route templates would be stored and
+        # served back as they came (the form clears these fields itself, webapp/forms.py).
+        for field in ROUTES_SOURCE_FIELDS:
+            if clean.get(field):
+                errors.setdefault(field, f"{field} is for a routes source (source_kind: routes) only; leave it "
+                                         "empty for a server, or create a routes endpoint")
         if "start_command" in clean and not clean["start_command"] and not clean.get("image"):
             errors["start_command"] = ("start_command is required: the shell command that starts your server, "
                                        "e.g. python -m http.server 8080 (with port 8080)")

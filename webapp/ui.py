@@ -1,20 +1,22 @@
 """Server-rendered UI: endpoint list, create (form -> review -> confirm), detail, edit, actions, keys."""
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from markupsafe import Markup
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from common.models import FAILED, TERMINATED, ApiKey, Endpoint
+from common.models import ENDPOINT_STATES, FAILED, TERMINATED, ApiKey, Endpoint
 from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from common.routes import normalize_routes
 from webapp import api_keys
+from webapp.api_docs import code_spans, reference
 from webapp.drafts import drop_draft, load_draft, save_draft
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
+from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
+from webapp.openapi import document
 from webapp.routes_view import model_version_label, param_summary, route_examples
-from common.spec_fields import SPEC
+from common.spec_fields import ENVIRONMENTS, SPEC
 from webapp.spec import spec_of, validate_spec
 from webapp.views_common import (
     SECRET_MASK,
@@ -40,6 +42,9 @@ UI_UPDATE_WAIT_SECONDS = 15.0
 def when_filter(value) -> str:
     text = iso(value)
     return text.replace("T", " ")[:19] + " UTC" if text else "—"
+
+
+bp.add_app_template_filter(code_spans, "code_spans")
 
 
 @bp.app_context_processor
@@ -101,9 +106,23 @@ def index():
 
 @bp.get("/endpoints")
 def list_endpoints():
-    """All endpoints with live status badges."""
-    endpoints = db.session.scalars(select(Endpoint).order_by(Endpoint.name)).all()
-    return render_template("endpoints.html", endpoints=endpoints)
+    """One page of endpoints with live status badges, a filter form and a link to the next page."""
+    try:
+        query = parse_list_query(request.args, default_limit=UI_DEFAULT_LIMIT)
+    except InvalidListQuery as exc:
+        return _endpoint_list(Page(), ListQuery(limit=UI_DEFAULT_LIMIT), exc.errors), 400
+    return _endpoint_list(endpoint_page(query), query, {})
+
+
+def _endpoint_list(page: Page, query: ListQuery, problems: dict[str, str]):
+    return render_template("endpoints.html", page=page, query=query, problems=problems, args=request.args,
+                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT)
+
+
+@bp.get("/docs/api")
+def api_docs():
+    """The JSON API's reference, rendered from its OpenAPI document (works without JavaScript)."""
+    return render_template("api_docs.html", docs=reference(document(current_app)))
 
 
 @bp.route("/endpoints/new", methods=["GET", "POST"])

@@ -1,0 +1,269 @@
+"""The OpenAPI 3.1 document of /api/v1, served at /api/v1/openapi.json and shown at /docs/api.
+
+Nothing in it is written twice: the paths and methods come from the app's URL map, each
+operation's description from its view's docstring, the schemas from the declarations
+(webapp/openapi_schemas.py). What is written here is what only the views know: the parameters
+they read, the bodies they take and the answers they give, errors included. A route of the API
+with no entry in OPERATIONS is left out of the document, and tests/test_openapi.py fails naming
+it, so a new route gets documented.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask
+
+from common.models import ENDPOINT_STATES, MAX_ROW_ID
+from common.spec_fields import BY_NAME, ENVIRONMENTS
+from webapp import MAX_JSON_BODY_BYTES
+from webapp.listing import DEFAULT_LIMIT, MAX_LIMIT
+from webapp.openapi_schemas import NAME, ref, schemas
+from webapp.request_guard import MAX_URL_LENGTH, MUTATING_METHODS
+from webapp.views_common import ACTIONS, MAX_LOG_LINES
+
+API_PREFIX = "/api/v1"
+JSON = "application/json"
+TAGS = (
+    ("endpoints", "Endpoints: create, read, change, act on them."),
+    ("keys", "API keys of an endpoint (README.md \"Calling an endpoint\")."),
+    ("models", "The model registry: models and their immutable versions."),
+    ("hosts", "GPU hosts and their pools (README.md \"Many GPU hosts\")."),
+    ("meta", "This document."),
+)
+# What an error status means on any operation; an operation says more where it can.
+ERRORS = {
+    400: "Bad input: `errors` maps each field or parameter to what to change. Also a body that is not "
+         "standard JSON, or a Host not in STANDBY_ALLOWED_HOSTS.",
+    403: "Refused as cross-site: a browser said the request comes from another site (Origin, Sec-Fetch-Site). "
+         "curl and scripts send neither header.",
+    404: "Nothing has that name.",
+    413: f"The body is larger than {MAX_JSON_BODY_BYTES // 1024 // 1024} MiB.",
+    414: f"The URL is longer than {MAX_URL_LENGTH} characters: send large values in a JSON body.",
+    415: "The body is not application/json (send JSON, or no body).",
+}
+TEMPORAL_ERRORS = {
+    502: "Temporal refused the request.",
+    503: "Temporal is not reachable; nothing was done.",
+    504: "Temporal did not answer in time.",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    ok: dict[int, tuple[str, dict]]  # status -> (when, schema)
+    errors: dict[int, str] = field(default_factory=dict)  # status -> when, beyond ERRORS
+    query: tuple[dict, ...] = ()
+    body: dict[str, dict] | None = None  # media type -> schema
+    body_required: bool = True
+    # The app's JSON body limit (413); an upload view has the archive limit instead, refused with a 400.
+    body_limit: bool = True
+    # The schema of its error answers, where they say more than an Error does (apply's outcome).
+    error_schema: dict = field(default_factory=lambda: ref("Error"))
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _flag(name: str, description: str) -> dict:
+    return _query(name, {"type": "boolean", "default": False}, description + " (true, 1 or yes)")
+
+
+LIST_QUERY = (
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+           "Endpoints a page holds, in name order."),
+    _query("cursor", {"type": "string"}, "The `next` of the previous page; left out: the first page."),
+    _query("status", {"type": "string", "enum": list(ENDPOINT_STATES)}, "Only endpoints in this state."),
+    _query("environment", {"type": "string", "enum": list(ENVIRONMENTS)}, "Only endpoints with this environment."),
+    _query("prefix", {"type": "string", "maxLength": BY_NAME["name"].max_length, "pattern": "^[a-z0-9-]*$"},
+           "Only endpoints whose name starts with this."),
+)
+
+OPERATIONS: dict[str, Operation] = {
+    "api.create_endpoint": Operation(
+        "Create an endpoint", "endpoints", {201: ("Created; its workflow started.", ref("Endpoint"))},
+        {409: "A terminated endpoint of this name is still being purged: try again in a few seconds.",
+         **TEMPORAL_ERRORS,
+         503: "Saved, but Temporal is not reachable: `endpoint` is the saved endpoint, and any later action "
+              "starts its workflow."},
+        body={JSON: ref("EndpointSpec")}),
+    "api.list_endpoints": Operation(
+        "List endpoints, a page at a time", "endpoints",
+        {200: ("A page; `next` is null on the last one.", ref("EndpointPage"))}, query=LIST_QUERY),
+    "api.show_endpoint": Operation("Get an endpoint", "endpoints", {200: ("The endpoint.", ref("Endpoint"))}),
+    "api.update_endpoint": Operation(
+        "Change an endpoint's spec", "endpoints", {200: ("Saved (or nothing changed).", ref("EndpointUpdated"))},
+        {409: "The endpoint is terminated or failed; or restart-class fields changed while instances run: "
+              "`restart_required` names them, send again with ?restart=true.",
+         503: "Saved, but the endpoint's workflow could not be told (`warning` says why); any later action "
+              "tells it."},
+        query=(_flag("restart", "Save restart-class changes and restart the running instances"),),
+        body={JSON: ref("EndpointSpecChange")}),
+    "api.endpoint_action": Operation(
+        "Act on an endpoint: stop, restart, terminate, wake, scale-out", "endpoints",
+        {200: ("scale-out, or wake with ?wait=true: an instance is ready.", ref("InstanceReady")),
+         202: ("Sent to the endpoint's workflow.", ref("ActionAccepted"))},
+        {404: "No such endpoint, or no such action.",
+         409: "Not allowed in the endpoint's state (a stopped endpoint does not wake; a failed one can only be "
+              "terminated), at max instances (`code` 1007), or the endpoint is not serving.",
+         **TEMPORAL_ERRORS, 502: "Temporal refused the request, or the instance failed to start.",
+         504: "The instance was not ready in time (it keeps starting)."},
+        query=(_flag("wait", "wake: answer once an instance is ready"),)),
+    "api.workflow_status": Operation(
+        "What the endpoint's workflow holds", "endpoints", {200: ("Its `status` query.", ref("WorkflowStatus"))},
+        TEMPORAL_ERRORS),
+    "api.list_instances": Operation(
+        "List an endpoint's instances", "endpoints", {200: ("Newest first.", ref("InstanceList"))}),
+    "api.list_events": Operation("An endpoint's event timeline", "endpoints", {200: ("Newest first.", ref("EventList"))}),
+    "api.logs": Operation(
+        "Instance log lines", "endpoints", {200: ("Newest first.", ref("LogLines"))},
+        {404: "No such endpoint, or it has no such instance."},
+        query=(_query("instance", {"type": "string"}, "One instance's lines only."),
+               _query("lines", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LINES, "default": 200},
+                      "How many lines, at most."))),
+    "api.create_key": Operation(
+        "Create an API key", "keys", {201: ("The key, shown this once.", ref("NewApiKey"))},
+        {409: "The endpoint is terminated."}, body={JSON: ref("ApiKeyRequest")}, body_required=False),
+    "api.list_keys": Operation("List an endpoint's active keys", "keys", {200: ("Never the keys themselves.",
+                                                                               ref("ApiKeyList"))}),
+    "api.revoke_key": Operation(
+        "Revoke an API key", "keys", {200: ("Revoked: the proxy refuses it from now on.", ref("Revoked"))},
+        {404: "No such endpoint, or it has no active key with that id."}),
+    "registry.api_create_model": Operation(
+        "Create a model", "models", {201: ("Created, without versions.", ref("Model"))},
+        body={JSON: ref("NewModel")}),
+    "registry.api_list_models": Operation("List models", "models", {200: ("With their versions.", ref("ModelList"))}),
+    "registry.api_get_model": Operation("Get a model", "models", {200: ("With its versions.", ref("Model"))}),
+    "registry.api_create_version": Operation(
+        "Add a model version", "models", {201: ("The new version.", ref("ModelVersion"))},
+        {400: "A bad archive (damaged, encrypted, too large, a zip bomb) or git URL / ref: `errors` says which."},
+        body={"multipart/form-data": ref("ArchiveUpload"), JSON: ref("GitVersion")}, body_limit=False),
+    "registry.api_get_version": Operation("Get a model version", "models", {200: ("The version.", ref("ModelVersion"))}),
+    "api.apply_spec": Operation(
+        "Create or update an endpoint from a whole spec", "endpoints",
+        {200: ("Updated, unchanged, or (with ?dry_run=true) what would be done.", ref("Applied")),
+         201: ("Created.", ref("Applied"))},
+        {400: "The spec is invalid: `errors` maps each field to what to change (`action` is refused).",
+         409: "Restart-class fields changed while instances run (`restart_required` names them: send again with "
+              "?restart=true), the endpoint failed, or a terminated one of this name is still being purged.",
+         **TEMPORAL_ERRORS,
+         503: "Saved, but Temporal is not reachable or the workflow was not told (`warning`, `error` say which)."},
+        query=(_flag("dry_run", "Answer what would be done and change nothing"),
+               _flag("restart", "Allow restart-class changes while instances run, restarting them")),
+        body={JSON: ref("EndpointSpec")},
+        # Its own refusals say what it did (`action` refused) beside the error; the request
+        # checks in front of every view (403, 413, 415, bad JSON) answer a plain Error.
+        error_schema={"anyOf": [ref("Applied"), ref("Error")]}),
+    "hosts_api.list_hosts": Operation("List hosts", "hosts", {200: ("By pool, then name.", ref("HostList"))}),
+    "hosts_api.host_operation": Operation(
+        "Drain or undrain a host", "hosts", {202: ("Sent to the host's pool.", ref("HostOperation"))},
+        {404: "No such host, or no such operation (drain, undrain).",
+         503: "Temporal is not reachable (or refused): nothing was done."}),
+    "api.openapi_document": Operation("This document", "meta", {200: ("OpenAPI 3.1.", {"type": "object"})}),
+}
+
+ROW_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ROW_ID}
+PATH_PARAMETERS = {
+    "name": lambda tag: ({"schema": {"type": "string", "minLength": 1}, "description": "The host's name."}
+                         if tag == "hosts" else
+                         {"schema": NAME, "description": "The model's name." if tag == "models" else
+                          "The endpoint's name."}),
+    "action": lambda tag: {"schema": {"type": "string", "enum": list(ACTIONS)}},
+    "key_id": lambda tag: {"schema": ROW_ID, "description": "The key's id."},
+    "number": lambda tag: {"schema": ROW_ID, "description": "The version's number."},
+    "operation": lambda tag: {"schema": {"type": "string", "enum": ["drain", "undrain"]}},
+}
+
+DESCRIPTION = f"""The JSON API of a Standby web app (README.md "JSON API").
+
+Every error under /api/ is JSON: `{{"error": message, "errors": {{field: message}}}}`, the messages
+saying what to change; 405 (a method a path does not have) and 404 (a path that does not exist)
+included. Request bodies are standard JSON (no NaN or Infinity, nesting at most 32 levels), at most
+{MAX_JSON_BODY_BYTES // 1024 // 1024} MiB (archive uploads: STANDBY_MODEL_MAX_ARCHIVE_BYTES).
+Requests that change something carry no body or a JSON body (multipart for archive uploads), else
+415, and a browser's cross-site request is refused with 403.
+
+Lifecycle actions go through Temporal: while it is unreachable they answer 503 and change nothing,
+except create and change, which save the spec and say so."""
+
+
+def openapi_path(rule: str) -> str:
+    """/api/v1/endpoints/<name>/keys/<int:key_id> -> /api/v1/endpoints/{name}/keys/{key_id}"""
+    return re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def _description(view) -> str:
+    return " ".join((inspect.getdoc(view) or "").split())
+
+
+def _responses(operation: Operation, method: str, has_path_params: bool) -> dict[str, dict]:
+    statuses = {400, 414} | ({404} if has_path_params else set())
+    if method.upper() in MUTATING_METHODS:
+        statuses |= {403, 415} | ({413} if operation.body and operation.body_limit else set())
+    statuses |= set(operation.errors)
+    responses = {str(status): {"description": when, "content": {JSON: {"schema": schema}}}
+                 for status, (when, schema) in operation.ok.items()}
+    for status in sorted(statuses):
+        when = operation.errors.get(status) or ERRORS[status]
+        responses[str(status)] = {"description": when, "content": {JSON: {"schema": operation.error_schema}}}
+    return responses
+
+
+def _operation(app: Flask, endpoint: str, method: str, arguments: list[str]) -> dict:
+    operation = OPERATIONS[endpoint]
+    parameters = [{"name": arg, "in": "path", "required": True, **PATH_PARAMETERS[arg](operation.tag)}
+                  for arg in arguments]
+    body: dict[str, Any] = {}
+    if operation.body:
+        body["requestBody"] = {"required": operation.body_required,
+                               "content": {media: {"schema": schema} for media, schema in operation.body.items()}}
+    return {
+        "operationId": endpoint.split(".")[-1].removeprefix("api_"),
+        "summary": operation.summary,
+        "description": _description(app.view_functions[endpoint]),
+        "tags": [operation.tag],
+        **({"parameters": parameters + list(operation.query)} if parameters or operation.query else {}),
+        **body,
+        "responses": _responses(operation, method, bool(arguments)),
+    }
+
+
+def api_rules(app: Flask):
+    """(OpenAPI path, method, Flask endpoint, path arguments) of every route under /api/v1."""
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.rule.startswith(API_PREFIX + "/"):
+            arguments = re.findall(r"<(?:[^<>:]+:)?([^<>]+)>", rule.rule)
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                yield openapi_path(rule.rule), method.lower(), rule.endpoint, arguments
+
+
+def build_document(app: Flask) -> dict:
+    settings = app.extensions["standby_settings"]
+    declared = BY_NAME["startup_timeout_seconds"]
+    # The settings narrow what a request may set (README.md "Spec limits").
+    request_bounds = {"startup_timeout_seconds": (max(declared.low, settings.min_startup_timeout_seconds),
+                                                  min(declared.high, settings.max_startup_timeout_seconds))}
+    paths: dict[str, dict] = {}
+    for path, method, endpoint, arguments in api_rules(app):
+        if endpoint in OPERATIONS:
+            paths.setdefault(path, {})[method] = _operation(app, endpoint, method, arguments)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Standby API", "version": "1", "description": DESCRIPTION},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name, "description": text} for name, text in TAGS],
+        "paths": paths,
+        "components": {"schemas": schemas(request_bounds)},
+    }
+
+
+def document(app: Flask) -> dict:
+    """The document of `app`, built once (its routes and settings do not change while it runs)."""
+    if "openapi_document" not in app.extensions:
+        app.extensions["openapi_document"] = build_document(app)
+    return app.extensions["openapi_document"]

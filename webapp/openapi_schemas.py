@@ -1,0 +1,281 @@
+"""The JSON Schemas of the API's bodies (OpenAPI 3.1 `components.schemas`), derived from what
+already defines them: the spec fields from their declarations (common/spec_fields.py: type,
+default, bounds, choices, length, help, edit class), states from common/models.py, route
+templates from common/routes.py, and the answers' keys from the functions that build them
+(webapp/views_common.py `endpoint_json`, `instance_json`; webapp/registry.py `model_json`).
+tests/test_openapi.py checks real answers against these schemas, so a key added to an answer
+without its schema fails there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from common.models import ENDPOINT_STATES, HOST_DOWN, HOST_DRAINING, HOST_UP, INSTANCE_STATES
+from common.route_values import PARAM_TYPES
+from common.routes import CALL_STYLES, METHODS
+from common.spec_fields import BOOL, CHOICE, EDIT_CLASSES, ENV, FLOAT, INT, NAMES, REF, ROUTES, SPEC, TEXT, SpecField
+from webapp.spec import ENV_KEY_RE, ENV_VALUE_MAX, NAME_RE
+from webapp.views_common import ACTIONS
+
+# Text the API refuses: control characters (a multi-line field may hold tab and line breaks).
+SINGLE_LINE = r"^[^\x00-\x1f\x7f]*$"
+MULTI_LINE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+NAME = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": NAME_RE.pattern}
+TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(properties: dict[str, Any], *, required: tuple[str, ...] | str = "all", description: str = "",
+        additional: bool = False, example: dict | None = None) -> dict:
+    """An object schema; by default every property is required and no other key is allowed."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "required": list(properties) if required == "all" else list(required),
+                              "additionalProperties": additional}
+    if description:
+        schema["description"] = description
+    if example is not None:
+        schema["examples"] = [example]
+    return schema
+
+
+def array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+# ---- spec fields --------------------------------------------------------------------------------
+
+
+def spec_field_schema(spec_field: SpecField, bounds: tuple[float, float] | None = None) -> dict:
+    """The schema of one declared field; `bounds` narrows a number's range (the settings do, for
+    startup_timeout_seconds: README.md "Spec limits")."""
+    f = spec_field
+    schema: dict[str, Any] = {"title": f.label}
+    if f.help:
+        schema["description"] = f.help
+    if f.kind == TEXT:
+        schema.update(type="string", maxLength=f.max_length, pattern=MULTI_LINE if f.multiline else SINGLE_LINE)
+    elif f.kind == CHOICE:
+        schema.update(type="string", enum=list(f.choices))
+    elif f.kind in (INT, FLOAT, REF):
+        low, high = bounds or (f.low, f.high)
+        schema["type"] = {INT: "integer", FLOAT: "number", REF: ["integer", "null"]}[f.kind]
+        schema["exclusiveMinimum" if f.above_low else "minimum"] = low
+        schema["maximum"] = high
+    elif f.kind == BOOL:
+        schema["type"] = "boolean"
+    elif f.kind in (ENV, ROUTES):
+        schema.update(array(ref("EnvVar" if f.kind == ENV else "Route")))
+    elif f.kind == NAMES:
+        schema.update(array({**NAME, "maxLength": f.max_length}), maxItems=int(f.high), uniqueItems=True)
+    if f.name == "name":
+        schema.update(NAME)
+    else:
+        schema["default"] = f.default
+    schema["x-edit-class"] = f.edit
+    return schema
+
+
+def spec_properties(bounds: dict[str, tuple[float, float]] | None = None) -> dict[str, dict]:
+    return {f.name: spec_field_schema(f, (bounds or {}).get(f.name)) for f in SPEC}
+
+
+def _edit_classes_text() -> str:
+    return ("Each field's `x-edit-class` says how it may change once the endpoint exists: "
+            "`live` (saved and followed within seconds), `restart` (needs the running instances "
+            "restarted: PATCH with ?restart=true), `immutable` (fixed at creation).")
+
+
+# ---- the answers --------------------------------------------------------------------------------
+
+
+def _instance() -> dict:
+    count = {"type": ["integer", "null"], "minimum": 1}
+    return obj({
+        "id": {"type": "string", "description": "Short id, e.g. xykemlvy."},
+        "status": {"type": "string", "enum": list(INSTANCE_STATES)},
+        "host": {"type": "string"}, "address": {"type": "string", "description": "host:port it is reached at."},
+        "gpus": array({"type": "integer"}), "gpu_type": {"type": "string"},
+        "created_at": TIMESTAMP, "started_at": TIMESTAMP, "ready_at": TIMESTAMP, "stopped_at": TIMESTAMP,
+        "gpu_seconds": {"type": "number", "minimum": 0, "description": "Billed: GPU count x (stopped - ready)."},
+        "queue_position": {**count, "description": "Place in the GPU queue while queued."},
+        "reason": {"type": "string", "description": "What the readiness probe last saw, or why it failed."},
+    })
+
+
+def _endpoint_state() -> dict[str, dict]:
+    return {
+        "status": {"type": "string", "enum": list(ENDPOINT_STATES)},
+        "status_reason": {"type": "string"},
+        "queue_position": {"type": ["integer", "null"], "minimum": 1},
+        "url": {"type": "string", "format": "uri", "description": "Where the proxy serves it."},
+        "created_at": TIMESTAMP, "spec_updated_at": TIMESTAMP, "stopped_at": TIMESTAMP,
+        "purge_at": {**TIMESTAMP, "description": "When a stopped endpoint is purged."},
+        "workflow_id": {"type": "string", "description": "endpoint-<name>, for the Temporal CLI."},
+        "has_api_keys": {"type": "boolean"},
+        "usage": obj({"gpu_seconds": {"type": "number", "minimum": 0}}),
+        "instances": array(ref("Instance")),
+    }
+
+
+def _update_outcome() -> dict[str, dict]:
+    change = obj({"field": {"type": "string", "enum": [f.name for f in SPEC]},
+                  "edit": {"type": "string", "enum": list(EDIT_CLASSES)}, "from": {}, "to": {}})
+    return {
+        "changes": {**array(change), "description": "What changed (secret values masked)."},
+        "restart_required": {**array({"type": "string"}),
+                             "description": "Restart-class fields not saved: send again with ?restart=true."},
+        "saved": {"type": "boolean"}, "restarted": {"type": "boolean"},
+        "warning": {"type": "string", "description": "Saved, but the endpoint's workflow was not told."},
+    }
+
+
+def _error() -> dict:
+    return obj({
+        "error": {"type": "string", "minLength": 1, "description": "What went wrong and what to do."},
+        "errors": {"type": "object", "additionalProperties": {"type": "string"},
+                   "description": "Field or parameter -> what to change."},
+        "code": {"type": "integer", "description": "1007: at max instances (as the proxy's route rules say)."},
+        "msg": {"type": "string"},
+        "endpoint": {**ref("Endpoint"), "description": "The endpoint as saved, when it was saved nevertheless."},
+        **_update_outcome(),
+    }, required=("error", "errors"), description="Every error under /api/ (README.md \"JSON API\").")
+
+
+def _route() -> dict:
+    param = obj({
+        "name": {"type": "string", "minLength": 1, "description": "A Python identifier."},
+        "type": {"type": "string", "enum": list(PARAM_TYPES)},
+        "required": {"type": "boolean"}, "default": {}, "ge": {"type": "number"}, "le": {"type": "number"},
+        "choices": {**array({}), "minItems": 1}, "regex": {"type": "string", "description": "RE2, whole value."},
+        "min_length": {"type": "integer", "minimum": 0}, "max_length": {"type": "integer", "minimum": 0},
+        "description": {"type": "string"},
+    }, required=("name", "type"))
+    return obj({
+        "method": {"type": "string", "enum": list(METHODS), "default": "POST"},
+        "path": {"type": "string", "pattern": "^/"}, "file": {"type": "string", "minLength": 1},
+        "function": {"type": "string", "minLength": 1, "description": "A function of the file: a Python identifier."},
+        "call": {"type": "string", "enum": list(CALL_STYLES), "default": "keyword"},
+        "params": array(param),
+    }, required=("path", "file", "function"), description="HTTP verb + path -> file + function (README.md "
+                                                           "\"Model code as an endpoint\").")
+
+
+def _hosts() -> dict[str, dict]:
+    gpu = obj({"type": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+               "memory_mb": {"type": ["integer", "null"], "description": "From nvidia-smi; null when declared."},
+               "instance": {"type": ["string", "null"], "description": "The instance using it."}})
+    count = {"type": "integer", "minimum": 0}
+    host = obj({
+        "name": {"type": "string"}, "pool": {"type": "string"},
+        "state": {"type": "string", "enum": [HOST_UP, HOST_DRAINING, HOST_DOWN]}, "state_reason": {"type": "string"},
+        "address": {"type": "string", "description": "The address its instances are reached at."},
+        "backend": {"type": "string", "enum": ["process", "docker"]},
+        "network_namespaces": {"type": ["string", "null"],
+                               "description": "How fixed-port commands are isolated (null: not available)."},
+        "gpus": array(gpu),
+        "gpu_summary": {"type": "object", "additionalProperties": obj({"total": count, "used": count, "free": count}),
+                        "description": "GPU type -> total, used, free."},
+        "cpu_cores": {"type": "number"}, "memory_gb": {"type": "number"}, "disk_gb": {"type": "number"},
+        "instances": array(obj({"id": {"type": "string"}, "endpoint": NAME,
+                                "status": {"type": "string", "enum": list(INSTANCE_STATES)},
+                                "gpus": array({"type": "integer"})})),
+        "started_at": TIMESTAMP, "last_heartbeat_at": TIMESTAMP,
+        "seconds_since_heartbeat": {"type": ["number", "null"]},
+    }, description="A machine running a Standby worker (README.md \"Many GPU hosts\").")
+    return {
+        "Host": host, "HostList": obj({"hosts": array(ref("Host"))}),
+        "HostOperation": obj({"host": {"type": "string"}, "operation": {"type": "string", "enum": ["drain", "undrain"]},
+                              "message": {"type": "string"}}),
+    }
+
+
+def _applied() -> dict:
+    return obj({
+        "action": {"type": "string", "enum": ["created", "updated", "unchanged", "refused"]},
+        "dry_run": {"type": "boolean"},
+        "endpoint": {"anyOf": [ref("Endpoint"), {"type": "null"}],
+                     "description": "The endpoint after the apply (before, on a dry run); null before it exists."},
+        **_update_outcome(),
+        "error": {"type": "string"}, "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+        "code": {"type": "integer"},
+    }, required=("action", "dry_run", "endpoint", "changes", "restart_required", "saved", "restarted"),
+        description="What /apply did (README.md \"Spec files\"); a refusal also carries `error` and `errors`.")
+
+
+def _registry() -> dict[str, dict]:
+    version = obj({
+        "model": NAME, "number": {"type": "integer", "minimum": 1}, "id": {"type": "integer", "minimum": 1},
+        "kind": {"type": "string", "enum": ["archive", "git"]}, "created_at": TIMESTAMP,
+        "archive_size": {"type": "integer", "minimum": 0}, "archive_sha256": {"type": "string"},
+        "archive_path": {"type": "string"}, "git_url": {"type": "string"}, "git_ref": {"type": "string"},
+        "resolved_commit": {"type": "string", "description": "Recorded when an instance first clones it."},
+    }, required=("model", "number", "id", "kind", "created_at"),
+        description="An immutable version: an uploaded archive, or a git URL + ref.")
+    model = obj({"name": NAME, "description": {"type": "string"}, "created_at": TIMESTAMP,
+                 "latest_version": {"type": ["integer", "null"]}, "versions": array(ref("ModelVersion"))})
+    return {
+        "Model": model, "ModelVersion": version, "ModelList": obj({"models": array(ref("Model"))}),
+        "NewModel": obj({"name": NAME, "description": {"type": "string", "maxLength": 2000}},
+                        required=("name",), additional=True, example={"name": "arith", "description": "adds"}),
+        "GitVersion": obj({"git_url": {"type": "string", "minLength": 1}, "git_ref": {"type": "string", "minLength": 1}},
+                          additional=True, example={"git_url": "https://github.com/you/model.git", "git_ref": "main"}),
+        "ArchiveUpload": obj({"archive": {"type": "string", "contentMediaType": "application/octet-stream",
+                                          "description": "A .tar.gz, .tgz or .zip of the model code."}}),
+    }
+
+
+def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    """Every schema of the document; `request_bounds` narrows request fields (see spec_field_schema)."""
+    key = {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 64}, "prefix": {"type": "string"},
+           "created_at": TIMESTAMP}
+    endpoint = obj({**spec_properties(), **_endpoint_state()},
+                   description="An endpoint: its spec (secret env values are null), status, URL and instances.")
+    return {
+        "EndpointSpec": obj(spec_properties(request_bounds), required=("name",),
+                            description="A new endpoint's spec; fields left out take their default. "
+                                        + _edit_classes_text(),
+                            example={"name": "echo", "start_command": "python3 -m http.server $PORT",
+                                     "idle_retention_seconds": 120}),
+        "EndpointSpecChange": obj(spec_properties(request_bounds), required=(),
+                                  description="The spec fields to change; `name` may only repeat the endpoint's. "
+                                              + _edit_classes_text(), example={"max_instances": 2}),
+        "EnvVar": obj({"key": {"type": "string", "pattern": ENV_KEY_RE.pattern},
+                       "value": {"type": ["string", "null"], "maxLength": ENV_VALUE_MAX,
+                                 "description": "null for a secret: never shown in an answer; in a change, "
+                                                "keeps the stored value."},
+                       "secret": {"type": "boolean", "default": False}}, required=("key",)),
+        "Route": _route(),
+        "Endpoint": endpoint,
+        "EndpointPage": obj({"endpoints": array(ref("Endpoint")),
+                             "next": {"type": ["string", "null"],
+                                      "description": "Pass as ?cursor= for the next page; null on the last page."}}),
+        "EndpointUpdated": obj({**endpoint["properties"], **_update_outcome()},
+                               required=tuple(endpoint["required"]) + ("changes", "restart_required", "saved",
+                                                                        "restarted")),
+        "Instance": _instance(),
+        "InstanceList": obj({"instances": array(ref("Instance"))}),
+        "Event": obj({"at": TIMESTAMP, "kind": {"type": "string"}, "instance_id": {"type": ["string", "null"]},
+                      "message": {"type": "string"}}),
+        "EventList": obj({"events": array(ref("Event"))}),
+        "LogLines": obj({"lines": array(obj({"instance_id": {"type": "string"}, "line": {"type": "string"}}))}),
+        "ActionAccepted": obj({"action": {"type": "string", "enum": list(ACTIONS)}, "accepted": {"const": True},
+                               "request_id": {"type": "string"}}),
+        "InstanceReady": obj({"instance_id": {"type": ["string", "null"]}, "address": {"type": ["string", "null"]},
+                              "cold_start": {"type": ["boolean", "null"]}}, required=("instance_id", "address"),
+                             description="scale-out, and wake with ?wait=true: the instance that is ready."),
+        "WorkflowStatus": obj({"workflow_id": {"type": "string"},
+                               "state": {"type": "object", "description": "The workflow's `status` query."}}),
+        "ApiKey": obj(key),
+        "NewApiKey": obj({**key, "key": {"type": "string", "description": "Shown in this answer only."}}),
+        "ApiKeyList": obj({"keys": array(ref("ApiKey"))}),
+        "ApiKeyRequest": obj({"name": {"type": ["string", "null"], "maxLength": 64}}, required=(), additional=True,
+                             example={"name": "ci"}),
+        "Revoked": obj({"revoked": {"type": "integer"}}),
+        "Error": _error(),
+        "Applied": _applied(),
+        **_hosts(),
+        **_registry(),
+    }
