@@ -49,6 +49,15 @@ def _names(env: dict, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _choice(env: dict, name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
@@ -79,6 +88,11 @@ class Settings:
     cpu_overcommit: float = 8.0
     memory_overcommit: float = 1.0
     disk_overcommit: float = 1.0
+    # Process backend: limit each instance's CPU, memory and processes with cgroups ("auto": where
+    # the host offers them; "off": never), and check its disk use against disk_gb this often
+    # (README.md "Resources are enforced").
+    cgroups: str = "auto"
+    disk_check_seconds: float = 10.0
     # Where the proxy and the health probes reach this host's instances (an IP or a name), and
     # the local address instance ports are published on. One host: loopback for both. A worker
     # on another machine than the proxy advertises an address the proxy can reach.
@@ -187,6 +201,8 @@ def load_settings(env: dict | None = None) -> Settings:
         cpu_overcommit=_float(env, "STANDBY_CPU_OVERCOMMIT", 8.0),
         memory_overcommit=_float(env, "STANDBY_MEMORY_OVERCOMMIT", 1.0),
         disk_overcommit=_float(env, "STANDBY_DISK_OVERCOMMIT", 1.0),
+        cgroups=_choice(env, "STANDBY_CGROUPS", ("auto", "off"), "auto"),
+        disk_check_seconds=_float(env, "STANDBY_DISK_CHECK_SECONDS", 10.0),
         advertise_address=advertise,
         instance_bind=env.get("STANDBY_INSTANCE_BIND") or _default_instance_bind(advertise),
         min_startup_timeout_seconds=_int(env, "STANDBY_MIN_STARTUP_TIMEOUT_SECONDS", 180),

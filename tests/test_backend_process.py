@@ -346,3 +346,79 @@ def test_fixed_port_refused_where_no_namespace_can_be_made(settings, backend, mo
     # $PORT commands need no namespace.
     launched = backend.launch(make_spec(settings, "nons2", HTTP_SERVER))
     assert wait_until_ready(launched.address, "", 15, lambda: backend.liveness("nons2")).ready
+
+
+# ---- resources are enforced (README.md "Resources are enforced") --------------------------------
+
+def _cgroups_or_skip(backend):
+    if backend.cgroups is None or backend.cgroups.mode is None:
+        pytest.skip("this host offers no usable cgroups (v2 with cpu/memory/pids, or v1): limits cannot be shown")
+    return backend.cgroups
+
+
+def test_an_instance_over_its_memory_is_killed_and_says_out_of_memory(backend, settings):
+    _cgroups_or_skip(backend)
+    hog = f"{sys.executable} -c \"b = bytearray(400 * 2**20); import time; time.sleep(30)\""
+    spec = make_spec(settings, "oomtest1", f"{hog} # $PORT", memory_gb=0.25)
+    backend.launch(spec)
+    wait_for(lambda: not backend.liveness("oomtest1").alive, what="the kernel to kill the memory hog")
+    liveness = backend.liveness("oomtest1")
+    assert "out of memory (OOM: 0.25 GB limit); raise memory_gb" in liveness.detail, liveness.detail
+    backend.stop("oomtest1", 1.0)
+    assert not any(d.exists() for d in backend.cgroups._dirs("oomtest1")), "the cgroup is removed at stop"
+
+
+def test_an_instance_within_its_memory_runs(backend, settings):
+    _cgroups_or_skip(backend)
+    fits = f"{sys.executable} -c \"b = bytearray(50 * 2**20); import time; time.sleep(30)\""
+    backend.launch(make_spec(settings, "oomtest2", f"{fits} # $PORT", memory_gb=0.25))
+    time.sleep(1.0)
+    assert backend.liveness("oomtest2").alive
+
+
+def test_cpu_is_limited_to_cpu_cores_and_everything_the_command_starts_is_inside(backend, settings):
+    cgroups = _cgroups_or_skip(backend)
+    # The shell starts a busy child: the child is limited too (it joined the cgroup with its parent).
+    busy = f"{sys.executable} -c \"while True: pass\" & wait # $PORT"
+    launched = backend.launch(make_spec(settings, "cputest1", busy, cpu_cores=0.2))
+    time.sleep(0.3)
+    directory = cgroups._dirs("cputest1")[0]
+    members = set((directory / "cgroup.procs").read_text().split())
+    assert str(launched.pid) in members and len(members) >= 2, members
+    if cgroups.mode == "v2":
+        assert (directory / "cpu.max").read_text().split() == ["20000", "100000"]
+        assert (directory / "pids.max").read_text().strip() == "4096"
+    else:
+        assert (directory / "cpu.cfs_quota_us").read_text().strip() == "20000"
+        assert (cgroups._dirs("cputest1")[2] / "pids.max").read_text().strip() == "4096"
+    # Throttled by the kernel: over two seconds it gets about 0.4 s of CPU, whatever the host has.
+    time.sleep(2.0)
+    stat = dict(line.split() for line in (directory / "cpu.stat").read_text().splitlines())
+    assert int(stat["nr_throttled"]) > 0, stat
+
+
+def test_an_instance_that_outgrows_its_disk_is_stopped_and_says_why(settings, tmp_path):
+    backend = ProcessBackend(Settings(data_dir=settings.data_dir, stop_grace_seconds=2.0, host="test-host",
+                                      disk_check_seconds=0.0))
+    try:
+        grow = "fallocate -l 1100M big.bin && sleep 30 # $PORT"
+        backend.launch(make_spec(settings, "disktest1", grow, disk_gb=1))
+        wait_for(lambda: Path(backend._read_state("disktest1")["workdir"], "big.bin").exists(), what="the file")
+        wait_for(lambda: backend.enforce_disk() == ["disktest1"] or not backend.liveness("disktest1").alive,
+                 what="the watchdog")
+        liveness = backend.liveness("disktest1")
+        assert not liveness.alive and "out of disk" in liveness.detail and "past its 1 GB disk_gb" in liveness.detail
+        assert backend.exited_instances() == {"disktest1": "ep"}  # so the exit watcher tells its workflow
+        log = Path(log_path_for(settings, "disktest1")).read_text()
+        assert "stopping instance disktest1: out of disk" in log
+    finally:
+        backend.stop_all(0.5)
+
+
+def test_cgroups_off_runs_unlimited(settings):
+    backend = ProcessBackend(Settings(data_dir=settings.data_dir, host="test-host", cgroups="off"))
+    try:
+        backend.launch(make_spec(settings, "nocg1", "sleep 30 # $PORT"))
+        assert backend.cgroups is None and backend._read_state("nocg1")["cgroup"] is False
+    finally:
+        backend.stop_all(0.5)

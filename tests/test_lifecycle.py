@@ -252,3 +252,21 @@ def test_crash_loop_fails_the_endpoint(stack):
     assert len(died) >= 3 and all(i.ready_at is not None for i in died)
     wait_until(lambda: not [i for i in stack.instances("crashloop") if i.status not in ("stopped", "failed")], 30,
                message="no live instance left")
+
+
+def test_an_instance_killed_for_its_memory_says_so_in_its_events(stack):
+    """README.md "Resources are enforced": memory_gb is a limit, and its breach is named."""
+    from workers.cgroups import Cgroups
+
+    if Cgroups().mode is None:
+        pytest.skip("this host offers no usable cgroups: memory limits cannot be shown")
+    # A server that becomes ready, then grows past its 0.25 GB.
+    grows = (f"{sys.executable} -c \"import threading, http.server as h; "
+             "threading.Timer(2, lambda: globals().__setitem__('b', bytearray(600 * 2**20))).start(); "
+             "h.ThreadingHTTPServer(('127.0.0.1', $PORT), h.SimpleHTTPRequestHandler).serve_forever()\"")
+    stack.create_endpoint("oom1", start_command=grows, memory_gb=0.25, min_instances=1, idle_retention_seconds=1)
+    wait_until(lambda: any(ev.kind == "instance_died" for ev in stack.events("oom1")), 60,
+               message="the instance to be killed for its memory")
+    [died] = [ev for ev in stack.events("oom1") if ev.kind == "instance_died"][:1]
+    assert "out of memory (OOM: 0.25 GB limit); raise memory_gb" in died.message, died.message
+    stack.signal("oom1", "stop")  # no crash loop left behind for the next tests

@@ -137,6 +137,19 @@ def wait_status(cluster, name: str, wanted: str, timeout: float = 60) -> dict:
                       message=f"{name} {wanted}")
 
 
+def review_page(cluster, name: str, **fields) -> str:
+    """The create form submitted as a user does: the review page, nothing created yet."""
+    from tests.test_webapp_ui import csrf_token
+    from tests.test_webapp_validation import FORM_VALID
+
+    form = cluster.api.get("/endpoints/new").get_data(as_text=True)
+    data = {**FORM_VALID, "name": name, "start_command": SERVER, "gpu_type": "T4", "gpu_count": "1",
+            "min_instances": "0", "max_instances": "2", "health_path": "", "csrf_token": csrf_token(form), **fields}
+    response = cluster.api.post("/endpoints/new", data=data)
+    assert response.status_code == 200, response.get_data(as_text=True)[:2000]
+    return response.get_data(as_text=True)
+
+
 def stop(cluster, *names: str) -> None:
     for name in names:
         cluster.api.post(f"/api/v1/endpoints/{name}/stop")
@@ -209,6 +222,10 @@ def test_a_gpu_freed_on_any_host_of_the_pool_goes_to_the_head_of_its_queue(clust
     wait_status(cluster, second, "queued")
     wait_until(lambda: (status(cluster, first)["queue_position"], status(cluster, second)["queue_position"]) == (1, 2),
                10, message="positions 1 and 2")
+    # The review page says, before confirming, that a third would queue, and where; pool b has room.
+    review = review_page(cluster, "fifo-review", pools=f"{cluster.pool_a}, {cluster.pool_b}")
+    assert f"Pool {cluster.pool_a}: an instance (1 T4 GPU) would queue at position 3 (0 T4 free" in review
+    assert f"Pool {cluster.pool_b}: an instance (1 T4 GPU) would start at once; 1 of its 1 host has room" in review
     [freed] = cluster.instances(small)
     stop(cluster, small)  # one GPU freed, on h1
     body = wait_status(cluster, first, "running", 90)

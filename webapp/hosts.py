@@ -16,7 +16,8 @@ from common.models import INSTANCE_LIVE_STATES, Endpoint, Host, Instance
 from common.temporal_bridge import TemporalUnavailable, WorkflowActionError
 from webapp.extensions import bridge, db
 from webapp.forms import ActionForm
-from workflows.pool import SIGNAL_DRAIN, SIGNAL_UNDRAIN, HostRef, pool_workflow_id
+from workflows.placement import CPU_CLASS
+from workflows.pool import QUERY_QUEUE, SIGNAL_DRAIN, SIGNAL_UNDRAIN, HostRef, PoolView, pool_workflow_id
 
 api_bp = Blueprint("hosts_api", __name__, url_prefix="/api/v1")
 ui_bp = Blueprint("hosts", __name__)
@@ -77,6 +78,39 @@ def _operate(name: str, operation: str) -> tuple[str, int]:
         return f"could not {operation} {name}: {exc}", 503
     what = "takes no new instances; those running finish" if operation == "drain" else "takes new instances again"
     return f"host {name} {what}", 202
+
+
+def placement_forecast(spec: dict) -> list[str]:
+    """What would happen to the endpoint's next instance now, per pool, as its pool sees it
+    (the review page says it before the user confirms: README.md "Many GPU hosts"): it starts
+    at once on a host with room, or queues at a position behind the requests of its class."""
+    gpu_count = int(spec.get("gpu_count") or 0)
+    kind = spec.get("gpu_type") if gpu_count else CPU_CLASS
+    needs = (f"{gpu_count} {kind} GPU{'s' if gpu_count > 1 else ''}" if gpu_count else "no GPU")
+    out = []
+    for pool in spec.get("pools") or []:
+        try:
+            view: PoolView = bridge().query_workflow(pool_workflow_id(pool), QUERY_QUEUE, PoolView)
+        except (TemporalUnavailable, WorkflowActionError) as exc:
+            out.append(f"Pool {pool}: could not ask it where an instance would go ({exc}).")
+            continue
+        ahead = sum(1 for entry in view.queue if entry.kind == kind)
+        room = [h for h in view.hosts if h.state == "up"
+                and len(h.free_gpus.get(kind, [])) >= gpu_count
+                and h.free_cpu_cores >= float(spec.get("cpu_cores") or 0)
+                and h.free_memory_gb >= float(spec.get("memory_gb") or 0)
+                and h.free_disk_gb >= float(spec.get("disk_gb") or 0)]
+        if room and not ahead:
+            out.append(f"Pool {pool}: an instance ({needs}) would start at once; {len(room)} of its "
+                       f"{len(view.hosts)} host{'s' if len(view.hosts) != 1 else ''} "
+                       f"ha{'ve' if len(room) != 1 else 's'} room now.")
+        else:
+            free = sum(len(h.free_gpus.get(kind, [])) for h in view.hosts if h.state == "up") if gpu_count else None
+            out.append(f"Pool {pool}: an instance ({needs}) would queue at position {ahead + 1}"
+                       + (f" ({free} {kind} free across the pool's hosts now)" if free is not None else
+                          " (no host has the CPU, memory and disk free now)")
+                       + "; it starts when a host of the pool frees room, first come first served.")
+    return out
 
 
 @api_bp.get("/hosts")

@@ -146,7 +146,10 @@ def _review(spec: dict, token: str, problem: str | None = None):
     # formdata=None: the request being answered carries its own (empty) draft field, which
     # would otherwise win over the token and leave the Create button without its draft.
     confirm = ConfirmForm(formdata=None, draft=token)
-    return render_template("review.html", spec=spec, confirm=confirm, draft=token, problem=problem)
+    from webapp.hosts import placement_forecast
+
+    return render_template("review.html", spec=spec, confirm=confirm, draft=token, problem=problem,
+                           forecast=placement_forecast(spec))
 
 
 @bp.post("/endpoints/new/back")

@@ -325,10 +325,13 @@ class StandbyActivities:
     def check_liveness(self, inp: LivenessInput) -> LivenessResult:
         from workers.health import expectation, probe
 
-        live = self.backend.liveness(inp.instance_id)
-        if not live.alive:
+        def exited(live) -> LivenessResult:
             code = f" with code {live.exit_code}" if live.exit_code is not None else ""
             return LivenessResult(False, f"process exited{code}{': ' + live.detail if live.detail else ''}")
+
+        live = self.backend.liveness(inp.instance_id)
+        if not live.alive:
+            return exited(live)
         # The process runs; a server that stopped answering is dead too, after a few tries.
         detail = ""
         for attempt in range(3):
@@ -336,7 +339,14 @@ class StandbyActivities:
             if ok:
                 return LivenessResult(True)
             time.sleep(0.5 * (attempt + 1))
-        return LivenessResult(False, f"health check failing: {detail}, expected {expectation(inp.health_path)}")
+        # A process being killed (its memory limit, say) closes its sockets before it is gone:
+        # the reason it is dying beats "connection refused".
+        live = self.backend.liveness(inp.instance_id)
+        if not live.alive:
+            return exited(live)
+        why = getattr(self.backend, "resource_note", lambda _id: "")(inp.instance_id)
+        return LivenessResult(False, f"health check failing: {detail}, expected {expectation(inp.health_path)}"
+                              + (f" ({why})" if why else ""))
 
     @activity.defn
     def stop_instance(self, inp: StopInstanceInput) -> None:

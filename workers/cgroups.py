@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -124,6 +125,23 @@ class Cgroups:
         except (OSError, ValueError):
             return None
 
+    def kill_and_remove(self, instance_id: str) -> None:
+        """Kill whatever still runs in the instance's cgroup (a process that left its process
+        group with setsid still belongs here), then remove the cgroup."""
+        if self.mode is None:
+            return
+        for path in self._dirs(instance_id):
+            try:
+                pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.remove(instance_id)
+
     def remove(self, instance_id: str, wait_seconds: float = 2.0) -> None:
         """Remove the (empty) cgroup; it empties as the last process is reaped."""
         if self.mode is None:
@@ -155,7 +173,10 @@ def _write(path: Path, value: str, optional: bool = False) -> None:
 
 
 def describe_oom(limit_gb: float | None) -> str:
-    limit = f"{limit_gb:g} GB limit" if limit_gb is not None else "its memory limit"
+    if limit_gb is None:
+        limit = "its memory limit"
+    else:  # "2.0 GB", "1.5 GB", "0.25 GB"
+        limit = f"{limit_gb:.1f} GB limit" if round(limit_gb, 1) == round(limit_gb, 6) else f"{limit_gb:.2f} GB limit"
     return f"out of memory (OOM: {limit}); raise memory_gb"
 
 

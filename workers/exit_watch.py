@@ -5,6 +5,9 @@ Without this, a crashed instance is noticed at its next liveness check (every he
 looks at this host's instances twice a second and signals `process_exited` to the workflow of
 each one that exited without Standby stopping it; the workflow checks at once, records the
 death with its exit code and replaces it (workflows/instance.py).
+
+The same loop runs the backend's disk watchdog (`enforce_disk`, where it has one): an instance
+stopped for outgrowing its disk_gb is then told like any other that exited, with that reason.
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ WATCH_SECONDS = 0.5
 async def watch_exits(backend: Backend, client: Client, stop: asyncio.Event, every: float = WATCH_SECONDS) -> None:
     told: set[str] = set()
     while not stop.is_set():
+        enforce_disk = getattr(backend, "enforce_disk", None)
+        if enforce_disk is not None:
+            try:
+                for instance_id in await asyncio.to_thread(enforce_disk):
+                    log.warning("instance %s outgrew its disk_gb and was stopped", instance_id)
+            except Exception:  # noqa: BLE001
+                log.exception("the disk watchdog failed")
         try:
             exited = await asyncio.to_thread(backend.exited_instances)
         except Exception:  # noqa: BLE001 - a watcher that dies would be worse than a missed look

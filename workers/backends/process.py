@@ -10,6 +10,11 @@ find, check and stop instances it did not start itself. The start time read from
 against PID reuse: a pid is only "ours" while it still has the start time we recorded. Every
 instance process also carries STANDBY_INSTANCE_STATE=<state path> in its environment, so
 processes left by a worker that crashed between spawning and recording them can still be found.
+
+Resources are enforced (README.md "Resources are enforced"): each instance runs in its own
+cgroup limiting its CPU (`cpu_cores`), memory (`memory_gb`) and process count where the host
+offers cgroups (workers/cgroups.py), and a watchdog stops an instance whose directory grows past
+its `disk_gb`, saying so.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from common.config import Settings
 from workers.backends.base import LaunchRefused, LaunchSpec, Launched, Liveness
+from workers.cgroups import Cgroups, describe_oom, join_command
 from workers.ports import (
     RELAY_SCRIPT,
     fixed_port_refusal,
@@ -151,6 +157,18 @@ class ProcessBackend:
         # their exit codes. After a worker restart it is not their parent and has none.
         self._children: dict[str, subprocess.Popen] = {}
         self._ports = PortAllocator(bind=settings.instance_bind)
+        self._cgroups_made: Cgroups | None = None
+        self._last_disk_check = 0.0
+
+    @property
+    def cgroups(self) -> Cgroups | None:
+        """The host's cgroups, looked at on first use (None with STANDBY_CGROUPS=off)."""
+        if self.settings.cgroups == "off":
+            return None
+        with self._guard:
+            if self._cgroups_made is None:
+                self._cgroups_made = Cgroups()
+            return self._cgroups_made
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -176,6 +194,10 @@ class ProcessBackend:
                 command = spec.start_command
                 argv = [sys.executable, str(RELAY_SCRIPT), "--listen", f"{self.settings.instance_bind}:{host_port}",
                         "--port", str(inner_port), "--mode", mode, "--", "/bin/sh", "-c", command]
+            cgroups = self.cgroups
+            procs = cgroups.create(instance_id, spec.cpu_cores, spec.memory_gb) if cgroups else []
+            if procs:  # the first process joins the cgroup, then execs: all it starts is inside
+                argv = ["/bin/sh", "-c", join_command(procs) + 'exec "$0" "$@"', *argv]
             state_path = state_path_for(self.settings, instance_id)
             env = instance_environment(dict(os.environ), spec, inner_port, str(state_path))
             log_path = Path(spec.log_path)
@@ -211,6 +233,8 @@ class ProcessBackend:
                 "log_path": str(log_path),
                 "workdir": str(workdir),
                 "command": command,
+                "cgroup": bool(procs),
+                "disk_gb": spec.disk_gb,
                 "started_at": time.time(),
                 "stopped": False,
                 "exit_code": None,
@@ -240,10 +264,63 @@ class ProcessBackend:
         if child is not None and child.pid == state["pid"]:
             code = child.poll()
             if code is not None:
-                return Liveness(False, code, _describe_exit(code))
+                return Liveness(False, code, self._why_dead(instance_id, state, _describe_exit(code)))
         if self._leader_alive(state):
             return Liveness(True, None, f"pid {state['pid']} running")
-        return Liveness(False, None, f"process {state['pid']} is no longer running")
+        return Liveness(False, None, self._why_dead(instance_id, state,
+                                                    f"process {state['pid']} is no longer running"))
+
+    def _why_dead(self, instance_id: str, state: dict, otherwise: str) -> str:
+        """What killed an instance, where Standby knows better than its exit status: its disk
+        watchdog, or the kernel's OOM killer within its memory limit."""
+        if state.get("stop_reason"):
+            return state["stop_reason"]
+        cgroups = self.cgroups if state.get("cgroup") else None
+        if cgroups is not None and cgroups.oom_kills(instance_id) > 0:
+            return f"{otherwise}: {describe_oom(cgroups.memory_limit_gb(instance_id))}"
+        return otherwise
+
+    def resource_note(self, instance_id: str) -> str:
+        """Why a running instance may have stopped answering: the kernel killed some of its
+        processes for its memory limit."""
+        state = self._read_state(check_instance_id(instance_id)) or {}
+        cgroups = self.cgroups if state.get("cgroup") else None
+        if cgroups is not None and cgroups.oom_kills(instance_id) > 0:
+            return f"a process of it was killed: {describe_oom(cgroups.memory_limit_gb(instance_id))}"
+        return ""
+
+    def enforce_disk(self) -> list[str]:
+        """Stop every instance whose directory has grown past its disk_gb (at most once per
+        STANDBY_DISK_CHECK_SECONDS); the exit watcher then tells its workflow, which records why.
+        Returns the ids stopped."""
+        now = time.monotonic()
+        if now - self._last_disk_check < self.settings.disk_check_seconds:
+            return []
+        self._last_disk_check = now
+        stopped = []
+        for path in self.settings.instances_dir.glob("*.json"):
+            state = _load_json(path)
+            if not state or state.get("stopped") or not state.get("disk_gb") or not state.get("workdir"):
+                continue
+            used = directory_bytes(Path(state["workdir"]))
+            limit = float(state["disk_gb"]) * 1024**3
+            if used <= limit or not self._leader_alive(state):
+                continue
+            instance_id = path.stem
+            with self._lock_for(instance_id):
+                state = self._read_state(instance_id)
+                if not state or state.get("stopped"):
+                    continue
+                state["stop_reason"] = (f"out of disk: its directory holds {used / 1024**3:.1f} GB, past its "
+                                        f"{float(state['disk_gb']):g} GB disk_gb; raise disk_gb or write less")
+                self._write_state(instance_id, state)
+                _append_log(state.get("log_path"), f"[standby] {_now()} stopping instance {instance_id}: "
+                            + state["stop_reason"])
+                groups = self._find_groups(instance_id, state)
+                _signal_groups(groups, signal.SIGKILL)
+                self._wait_groups_empty(instance_id, groups, _KILL_WAIT_SECONDS)
+            stopped.append(instance_id)
+        return stopped
 
     def stop(self, instance_id: str, grace_seconds: float) -> None:
         instance_id = check_instance_id(instance_id)
@@ -331,6 +408,8 @@ class ProcessBackend:
                 _signal_groups(groups, signal.SIGKILL)
                 self._wait_groups_empty(instance_id, groups, _KILL_WAIT_SECONDS)
         exit_code = self._reap(instance_id)
+        if state is not None and state.get("cgroup") and self.cgroups is not None:
+            self.cgroups.kill_and_remove(instance_id)  # what left the process groups still dies
         if state is not None and not state.get("stopped"):
             state.update(stopped=True, stopped_at=time.time(), exit_code=exit_code)
             self._write_state(instance_id, state)
@@ -385,6 +464,26 @@ class ProcessBackend:
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, path)  # atomic: a crash never leaves half a state file
         other.unlink(missing_ok=True)
+
+
+def directory_bytes(root: Path) -> int:
+    """Disk space a directory tree takes (allocated blocks, so sparse files count what they
+    hold), without following links; walked without recursion."""
+    total, stack = 0, [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+        except OSError:
+            continue
+    return total
 
 
 def _groups_have_live_members(groups: set[int]) -> bool:
