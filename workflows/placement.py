@@ -110,9 +110,12 @@ def request_class(req: PlacementRequest) -> str:
     return req.gpu_type if req.gpu_count > 0 else CPU_CLASS
 
 
-def free_on(state: PoolState, host: HostState) -> Free:
+def free_on(state: PoolState, host: HostState, held: list | None = None) -> Free:
+    """What the host has free: its capacity times its overcommit, minus the pool's grants there
+    (`held`: those grants, when the caller has them indexed already)."""
     info = host.info
-    held = [g for g in state.grants.values() if g.host == info.name]
+    if held is None:
+        held = [g for g in state.grants.values() if g.host == info.name]
     used_gpus = {(g.gpu_type, i) for g in held for i in g.gpus}
     return Free(
         gpus={t: [i for i in idx if (t, i) not in used_gpus] for t, idx in info.gpus.items()},
@@ -120,6 +123,18 @@ def free_on(state: PoolState, host: HostState) -> Free:
         memory_gb=info.memory_gb * info.memory_overcommit - sum(g.memory_gb for g in held),
         disk_gb=info.disk_gb * info.disk_overcommit - sum(g.disk_gb for g in held),
     )
+
+
+def _indexed(state: PoolState) -> tuple[dict[str, Free], dict[tuple[str, str], int]]:
+    """Free resources per host and grants per (host, endpoint), in one pass over the grants, so
+    a decision over Q requests and H hosts costs O(grants + Q x H), not O(Q x H x grants)."""
+    held: dict[str, list] = {name: [] for name in state.hosts}
+    per_endpoint: dict[tuple[str, str], int] = {}
+    for grant in state.grants.values():
+        held.setdefault(grant.host, []).append(grant)
+        key = (grant.host, grant.endpoint)
+        per_endpoint[key] = per_endpoint.get(key, 0) + 1
+    return {name: free_on(state, host, held[name]) for name, host in state.hosts.items()}, per_endpoint
 
 
 def gpu_type_on(info: HostInfo, gpu_type: str) -> str | None:
@@ -155,9 +170,11 @@ def _room_left(free: Free, req: PlacementRequest, info: HostInfo) -> tuple:
     return (gpus_left, free.memory_gb - req.memory_gb, free.cpu_cores - req.cpu_cores)
 
 
-def choose_host(state: PoolState, req: PlacementRequest, free: dict[str, Free] | None = None) -> Placement | None:
+def choose_host(state: PoolState, req: PlacementRequest, free: dict[str, Free] | None = None,
+                per_endpoint: dict[tuple[str, str], int] | None = None) -> Placement | None:
     """Where the request goes now under the pool's policy, or None (it waits)."""
-    free = free if free is not None else {name: free_on(state, h) for name, h in state.hosts.items()}
+    if free is None or per_endpoint is None:
+        free, per_endpoint = _indexed(state)
     options = []
     for name, host in state.hosts.items():
         if host.state != UP or not _eligible(host, req):
@@ -165,7 +182,7 @@ def choose_host(state: PoolState, req: PlacementRequest, free: dict[str, Free] |
         gpus = _fits(free[name], host.info, req)
         if gpus is None:
             continue
-        same_endpoint = sum(1 for g in state.grants.values() if g.host == name and g.endpoint == req.endpoint)
+        same_endpoint = per_endpoint.get((name, req.endpoint), 0)
         room = _room_left(free[name], req, host.info)
         rank = room if state.policy == BINPACK else tuple(-r for r in room)
         options.append((rank, same_endpoint, name, gpus))
@@ -181,14 +198,14 @@ def choose_host(state: PoolState, req: PlacementRequest, free: dict[str, Free] |
 def grantable(state: PoolState) -> list[Placement]:
     """Requests that can be placed now, in FIFO order per class; the state is not changed. A
     request that cannot be placed blocks the later ones of its class (no overtaking)."""
-    free = {name: free_on(state, h) for name, h in state.hosts.items()}
+    free, per_endpoint = _indexed(state)
     blocked: set[str] = set()
     out = []
     for req in state.queue:
         kind = request_class(req)
         if kind in blocked:
             continue
-        placement = choose_host(state, req, free)
+        placement = choose_host(state, req, free, per_endpoint)
         if placement is None:
             blocked.add(kind)
             continue
