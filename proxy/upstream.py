@@ -22,6 +22,18 @@ class UpstreamFailed(Exception):
     """The instance failed after the request began (reset, bad answer)."""
 
 
+class Unanswered(ConnectFailed):
+    """The instance closed (or reset) the connection before a byte of its answer, for a request
+    that may be sent again (an idempotent method, its body at hand): as nginx's default
+    `proxy_next_upstream error`, the proxy may try another instance. A SIGKILLed instance's
+    listening socket accepts for a moment after the kill, so this is how its first requests fail.
+    """
+
+
+# Methods a client may send twice (RFC 9110 section 9.2.2): safe to try on another instance.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
 class _Conn:
     __slots__ = ("sock", "buf", "address")
 
@@ -95,14 +107,14 @@ class UpstreamPool:
             # The instance closed a kept-alive socket as we reused it: the request never
             # started there. Retry once on a fresh connection when the body can be resent.
             if not (reused and replayable):
-                raise UpstreamFailed(f"instance {address} closed the connection: {exc}") from exc
+                raise _unanswered(address, method, replayable, exc) from exc
             conn = self._connect(address)
             try:
                 _write_request(conn, head, body, chunked)
                 resp = UpstreamResponse.read_head(conn, self, method)
             except _StaleConnection as again:
                 conn.close()
-                raise UpstreamFailed(f"instance {address} closed the connection: {again}") from again
+                raise _unanswered(address, method, replayable, again) from again
             except BaseException:
                 conn.close()
                 raise
@@ -114,6 +126,13 @@ class UpstreamPool:
 
 class _StaleConnection(Exception):
     pass
+
+
+def _unanswered(address: str, method: str, replayable: bool, exc: Exception) -> Exception:
+    """No byte of an answer came: another instance may take an idempotent request (Unanswered);
+    any other one fails here, since the instance may have acted on it before it died."""
+    message = f"instance {address} closed the connection before answering: {exc}"
+    return Unanswered(message) if replayable and method in IDEMPOTENT else UpstreamFailed(message)
 
 
 def _write_request(conn: _Conn, head: bytes, body, chunked: bool) -> None:
@@ -177,7 +196,7 @@ class UpstreamResponse:
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/") or not code.isdigit():
+        if not version.startswith("HTTP/") or not (code.isascii() and code.isdigit()):
             raise UpstreamFailed(f"instance answered a malformed status line: {lines[0][:80]!r}")
         self.status, self.reason = int(code), reason
         headers = []

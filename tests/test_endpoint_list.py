@@ -93,7 +93,7 @@ def test_filters_narrow_the_list_and_its_pages(app, client):
 
 @pytest.mark.parametrize("query, field", [
     ("limit=0", "limit"), (f"limit={MAX_LIMIT + 1}", "limit"), ("limit=abc", "limit"), ("limit=-1", "limit"),
-    ("limit=1e3", "limit"), ("cursor=nope", "cursor"), ("cursor=" + encode_cursor("x")[:-2] + "!!", "cursor"),
+    ("limit=1e3", "limit"), ("limit=%C2%B3", "limit"), ("limit=%D9%A3", "limit"), ("cursor=nope", "cursor"), ("cursor=" + encode_cursor("x")[:-2] + "!!", "cursor"),
     ("cursor=eyJhZnRlciI6MX0", "cursor"),  # {"after":1}
     ("status=sleeping", "status"), ("environment=prod", "environment"),
     ("prefix=a%25", "prefix"), ("prefix=a_", "prefix"), ("prefix=API", "prefix"), ("prefix=" + "a" * 64, "prefix"),

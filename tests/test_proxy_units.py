@@ -11,7 +11,7 @@ from proxy.auth import bearer_token, check_key, hash_key
 from proxy.balancer import Balancer, normalize_policy
 from proxy.routing_view import EndpointView, InstanceView
 from proxy.traffic import TrafficTracker
-from proxy.upstream import UpstreamFailed, UpstreamPool
+from proxy.upstream import ConnectFailed, Unanswered, UpstreamFailed, UpstreamPool
 
 A, B, C = InstanceView("aaaa", "127.0.0.1:1"), InstanceView("bbbb", "127.0.0.1:2"), InstanceView("cccc", "127.0.0.1:3")
 
@@ -225,3 +225,16 @@ def test_upstream_malformed_and_truncated_answers_fail_clearly():
         exchange(b"SPDY/9 what\r\n\r\n")
     with pytest.raises(UpstreamFailed, match="bytes of body unsent"):
         exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(UpstreamFailed, match="malformed status line"):
+        exchange(b"HTTP/1.1 \xb3\xb3\xb3 OK\r\n\r\n")  # latin-1 digits int() would take
+
+
+def test_an_instance_closing_before_answering_lets_an_idempotent_request_go_elsewhere():
+    # A SIGKILLed instance's listener still accepts for a moment, then the connection drops with
+    # no answer: a GET may go to another instance (Unanswered is a ConnectFailed, which the
+    # handler substitutes), a POST may have been acted on, so it fails (docs/architecture.md).
+    with pytest.raises(Unanswered, match="before answering"):
+        exchange(b"", method="GET")
+    with pytest.raises(UpstreamFailed, match="before answering") as failed:
+        exchange(b"", method="POST")
+    assert not isinstance(failed.value, ConnectFailed)

@@ -104,7 +104,7 @@ def parse_list_query(args: Mapping[str, str], default_limit: int = DEFAULT_LIMIT
     limit = default_limit
     raw_limit = (args.get("limit") or "").strip()
     if raw_limit:
-        if raw_limit.isdigit() and len(raw_limit) <= 6 and 1 <= int(raw_limit) <= MAX_LIMIT:
+        if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6 and 1 <= int(raw_limit) <= MAX_LIMIT:
             limit = int(raw_limit)
         else:
             errors["limit"] = f"limit must be a whole number between 1 and {MAX_LIMIT}, got {raw_limit[:40]!r}"
