@@ -56,7 +56,8 @@ def check_value(value: Any, max_depth: int = MAX_DEPTH) -> None:
         if isinstance(item, dict):
             children = item.values()
             for key in item:
-                _check_text(key)
+                if isinstance(key, str):  # YAML may give other keys: common/spec_files.py names them
+                    _check_text(key)
         elif isinstance(item, list):
             children = item
         else:

@@ -19,7 +19,6 @@ import time
 from datetime import datetime
 
 import pytest
-import requests
 
 from tests.conftest import ROOT, wait_until
 from tests.user_world import unique
@@ -142,7 +141,7 @@ def test_a_starting_instance_says_what_its_probe_sees(user):
         return instances and "HTTP 404" in (instances[0]["reason"] or "") and instances[0]
     instance = wait_until(probing, 30, interval=0.2, message="the probe's answer on the instance")
     assert instance["reason"] == "GET /healthz -> HTTP 404, waiting for HTTP 200 from /healthz"
-    page = requests.get(f"{user.web}/endpoints/{name}", timeout=10).text
+    page = user.browser().get(f"{user.web}/endpoints/{name}", timeout=10).text
     assert "GET /healthz -&gt; HTTP 404, waiting for HTTP 200 from /healthz" in page
     assert user.api("POST", f"/endpoints/{name}/terminate").status_code == 202
 

@@ -34,6 +34,7 @@ from common.models import (
     Instance,
 )
 from common.routes import RUNTIME_HEALTH_PATH
+from common.secrets import SecretsKeyError, box_for, reveal_env
 from common.spec_fields import LIFECYCLE, read_by
 from workers.backends.base import Backend, LaunchRefused, LaunchSpec
 from workflows.activity_types import (
@@ -280,7 +281,11 @@ class StandbyActivities:
 
         with self.db.session() as session:
             e = self._endpoint(session, inp.endpoint)
-            env = {item["key"]: item.get("value") or "" for item in (e.env or [])}
+            # The one place a sealed secret is opened: for the instance's environment (common/secrets.py).
+            try:
+                env = reveal_env(e.env, box_for(self.settings))
+            except SecretsKeyError as err:
+                raise ApplicationError(str(err), type="SecretsKeyError", non_retryable=True) from None
             source_kind, source_dir = e.source_kind, e.source_dir
             start_command, image, port = e.start_command, e.image, e.port
             cpu, mem, disk = e.cpu_cores, e.memory_gb, e.disk_gb
