@@ -259,6 +259,9 @@ def cmd_up(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything a part writes (the database, keys, logs, drafts, model archives) is its own
+    # alone; what an instance must reach is opened on purpose (README.md "Instance isolation").
+    os.umask(0o077)
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run everything on this machine")
