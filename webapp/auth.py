@@ -81,6 +81,13 @@ def check_declared(app: Flask) -> None:
                            + ", ".join(missing))
 
 
+def route_table(app: Flask) -> list[tuple[str, str, str, str]]:
+    """(rule, methods, access level, view) of every route: docs/architecture.md "Access control"
+    lists them, and tests/test_accounts.py checks that list against this."""
+    return [(rule.rule, ", ".join(sorted(rule.methods - {"HEAD", "OPTIONS"})), view_level(app, rule.endpoint) or "",
+             rule.endpoint) for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, r.endpoint))]
+
+
 # ---- who is asking ----
 
 
@@ -374,10 +381,11 @@ def change_password():
     if problem := accounts.password_error(form.new.data):
         form.new.errors = [problem]
         return _account_page(400, form)
-    current_user.password_hash = accounts.hash_password(form.new.data)
+    user = current_user._get_current_object()
+    user.password_hash = accounts.hash_password(form.new.data)
     db.session.commit()
-    login_user(current_user)  # this session carries the new stamp; the others are void
-    audit.record("user.change_password", target=current_user.name)
+    login_user(user)  # this session carries the new stamp; the others are void
+    audit.record("user.change_password", target=user.name)
     flash("Password changed; your other sessions are signed out.", "ok")
     return redirect(url_for("auth.account"))
 
