@@ -21,7 +21,7 @@ import requests
 
 from common.config import load_settings
 from common.secrets import box_for
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT
 from workers import isolation
 
 pytestmark = pytest.mark.timeout(180)

@@ -32,7 +32,7 @@ from common.account_models import (
     Project,
     User,
 )
-from common.models import FAILED, INSTANCE_LIVE_STATES, STOPPED, TERMINATED, Endpoint, Instance, Model, ModelVersion
+from common.models import FAILED, INSTANCE_LIVE_STATES, STOPPED, TERMINATED, Endpoint, Instance, ModelVersion
 from webapp import audit
 from webapp.auth import SIGNED_IN, SITE_ADMIN, access, projects_where, require_role, role_in, visible_project_ids
 from webapp.extensions import db
