@@ -9,9 +9,15 @@
     python app.py db upgrade|current|revision
                             the database schema by hand (README.md "Upgrading"); the commands
                             above bring it up to date themselves before serving
-    python app.py apply -f endpoint.yaml [--dry-run] [--restart]
+    python app.py apply -f endpoint.yaml [--dry-run] [--restart] [--project P]
     python app.py get endpoint NAME [-o yaml|json]
-                            spec files, through the running web app (README.md "Spec files")
+                            spec files, through the running web app (README.md "Spec files"),
+                            as the user of STANDBY_TOKEN, else of <data dir>/cli-token
+    python app.py create-user NAME [--admin] [--project P] [--role viewer|developer|admin]
+    python app.py reset-password NAME
+                            accounts, on this machine's database (README.md "Accounts and projects")
+    python app.py rotate-secrets
+                            seal stored secret values with the newest key (README.md "Secrets at rest")
 """
 from __future__ import annotations
 
@@ -118,6 +124,34 @@ def prepare_database(settings: Settings, *, wait_only: bool = False) -> None:
         sys.exit(f"standby: {err}")
     if done.before != done.after:
         print(f"standby: {done}", flush=True)
+    seal_plain_secrets(settings)
+
+
+def seal_plain_secrets(settings: Settings) -> None:
+    """Secret values stored before they were sealed get sealed now (README.md "Secrets at rest")."""
+    from common.secrets import SecretsKeyError, box_for, seal_stored_values
+
+    try:
+        sealed = seal_stored_values(settings.database_url, box_for(settings))
+    except SecretsKeyError as err:
+        sys.exit(f"standby: {err}")
+    if sealed:
+        print(f"standby: sealed {sealed} secret value(s) stored in plain text before", flush=True)
+
+
+def cmd_rotate_secrets(settings: Settings) -> int:
+    """Seal every stored secret value again with the newest key (README.md "Secrets at rest")."""
+    from common.secrets import SecretsKeyError, box_for, seal_stored_values
+
+    prepare_database(settings)
+    try:
+        count = seal_stored_values(settings.database_url, box_for(settings), reseal=True)
+    except SecretsKeyError as err:
+        print(f"standby: {err}", file=sys.stderr)
+        return 1
+    print(f"sealed {count} secret value(s) again with the newest key; the keys after it can go once every "
+          "part runs with the new list")
+    return 0
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -137,6 +171,49 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_accounts(args: argparse.Namespace, settings: Settings) -> int:
+    """create-user and reset-password: straight on the database, as the operator of this machine."""
+    from common import accounts
+    from common.db import Database
+
+    prepare_database(settings)
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            if args.command == "create-user":
+                password = accounts.generate_password()
+                user = accounts.create_user(session, args.name, password, is_admin=args.admin,
+                                            project=args.project, role=args.role)
+                project = accounts.get_project(session, args.project)
+                accounts.record_cli_action(session, "user.create", target=user.name, project=project,
+                                           detail=f"site admin: {args.admin}; {args.role} of {args.project}")
+                what = f"{'site admin' if args.admin else 'user'} {user.name}, {args.role} of project {args.project}"
+            else:
+                password = accounts.reset_password(session, args.name)
+                what = f"a new password for {args.name} (its sessions are signed out)"
+    except accounts.AccountError as err:
+        print(f"standby: {err}", file=sys.stderr)
+        return 1
+    finally:
+        database.engine.dispose()
+    print(f"{what}\n  password: {password}\n  sign in at http://127.0.0.1:{settings.web_port}/login "
+          "(shown this once; change it on the account page)")
+    return 0
+
+
+def first_admin(settings: Settings):
+    """On a fresh install (no user yet): the admin `up` makes (common/accounts.py), else None."""
+    from common import accounts
+    from common.db import Database
+
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            return accounts.bootstrap_first_admin(session, settings.data_dir)
+    finally:
+        database.engine.dispose()
+
+
 def cmd_up(settings: Settings) -> int:
     """Start every part and supervise them (common/supervisor.py); Ctrl-C stops all."""
     from common.supervisor import Part, Supervisor, port_open
@@ -150,6 +227,7 @@ def cmd_up(settings: Settings) -> int:
     env = dict(os.environ, STANDBY_DATA_DIR=str(settings.data_dir), PYTHONUNBUFFERED="1")
     # Once, before the parts start and read it.
     prepare_database(settings)
+    admin = first_admin(settings)
     parts = []
     if not settings.temporal_address:
         parts.append(Part("temporal", temporal_command(settings), lambda: port_open(settings.temporal_port)))
@@ -160,10 +238,20 @@ def cmd_up(settings: Settings) -> int:
     ]
 
     def announce() -> None:
+        if admin is not None:
+            sign_in = (f"Sign in as {admin.name} with password {admin.password}\n"
+                       "  (made now, shown this once: change it on the account page; forgotten: "
+                       f"python app.py reset-password {admin.name})\n"
+                       f"  API and CLI token of {admin.name}: {admin.token_file}\n"
+                       f"    export STANDBY_TOKEN=$(cat {admin.token_file})\n")
+        else:
+            sign_in = ("Sign in with your account (new accounts: python app.py create-user NAME; "
+                       "a forgotten password: python app.py reset-password NAME)\n")
         print(f"\nStandby is up.\n  UI + API    http://127.0.0.1:{settings.web_port}/\n"
               f"  endpoints   http://127.0.0.1:{settings.proxy_port}/e/<name>/\n"
               + ("" if settings.temporal_address else
                  f"  Temporal UI http://127.0.0.1:{settings.temporal_ui_port}/ (gRPC {settings.temporal_target})\n")
+              + sign_in
               + "A part that dies is restarted; Ctrl-C stops everything.\n", flush=True)
 
     supervisor = Supervisor(parts, cwd=str(ROOT), env=env)
@@ -171,6 +259,9 @@ def cmd_up(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything a part writes (the database, keys, logs, drafts, model archives) is its own
+    # alone; what an instance must reach is opened on purpose (README.md "Instance isolation").
+    os.umask(0o077)
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run everything on this machine")
@@ -204,8 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("kind", choices=["endpoint"])
     get.add_argument("name")
     get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    apply.add_argument("--project", help="the project new endpoints go to (default: your only project "
+                                         "where you are a developer, else default)")
     for client in (apply, get):
         client.add_argument("--url", help="the web app (default: http://127.0.0.1:$STANDBY_WEB_PORT)")
+    create_user = sub.add_parser("create-user", help="create an account (prints its password once)")
+    create_user.add_argument("name")
+    create_user.add_argument("--admin", action="store_true", help="a site admin: sees and manages everything")
+    create_user.add_argument("--project", default="default", help="a project to join (made if missing; default: default)")
+    create_user.add_argument("--role", default="developer", choices=["viewer", "developer", "admin"],
+                             help="the role in that project (default: developer)")
+    reset = sub.add_parser("reset-password", help="give an account a new password (printed once)")
+    reset.add_argument("name")
+    sub.add_parser("rotate-secrets", help="seal every stored secret value again with the newest key")
     args = parser.parse_args(argv)
     if args.command == "worker":
         for flag, variable in (("host", "STANDBY_HOST"), ("pool", "STANDBY_POOL"),
@@ -221,9 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         from common import cli_client
 
         url = args.url or f"http://127.0.0.1:{settings.web_port}"
+        token = cli_client.find_token(settings)
         if args.command == "apply":
-            return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart)
-        return cli_client.cmd_get(args.name, args.output, url)
+            return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart,
+                                        token=token, project=args.project)
+        return cli_client.cmd_get(args.name, args.output, url, token=token)
+    if args.command in ("create-user", "reset-password"):
+        return cmd_accounts(args, settings)
+    if args.command == "rotate-secrets":
+        return cmd_rotate_secrets(settings)
 
     if args.command == "up":
         return cmd_up(settings)

@@ -92,6 +92,18 @@ def statements_of(app, session: requests.Session, url: str) -> int:
     return len(seen)
 
 
+def bootstrap(settings):
+    from common.accounts import bootstrap_first_admin
+    from common.db import Database
+
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            return bootstrap_first_admin(session, settings.data_dir)
+    finally:
+        database.engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--endpoints", type=int, default=500)
@@ -104,8 +116,10 @@ def main() -> None:
         write_endpoints(settings, args.endpoints, args.instances)
         app = create_app({"STANDBY_SETTINGS": settings, "SECRET_KEY": "bench"})
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+        first = bootstrap(settings)  # a site admin, as `up` makes it: sees every endpoint
         try:
             with served(app) as base, requests.Session() as session:
+                session.headers["Authorization"] = f"Bearer {first.token_file.read_text().strip()}"
                 middle = session.get(f"{base}/api/v1/endpoints?limit={args.endpoints // 2}").json()["next"]
                 page_of_1 = "/api/v1/endpoints?limit=1"
                 cases = [  # (what, its URL, its baseline's URL)

@@ -4,6 +4,7 @@ says what happened, one endpoint at a time."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -22,13 +23,30 @@ class Unreachable(Exception):
     """The web app cannot be reached, or what answers is not it; the message says what to do."""
 
 
-class WebApp:
-    """The JSON API under /api/v1 of a running web app."""
+def find_token(settings, env: dict | None = None) -> str | None:
+    """The personal token the CLI sends: STANDBY_TOKEN, else the token `app.py up` wrote for its
+    first admin (<data dir>/cli-token) when this user can read it; None: none."""
+    from common.accounts import TOKEN_FILE
 
-    def __init__(self, url: str):
+    env = os.environ if env is None else env
+    if env.get("STANDBY_TOKEN", "").strip():
+        return env["STANDBY_TOKEN"].strip()
+    try:
+        return (settings.data_dir / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+class WebApp:
+    """The JSON API under /api/v1 of a running web app, as the user of `token`."""
+
+    def __init__(self, url: str, token: str | None = None):
         self.url = url.rstrip("/")
+        self.token = token
 
     def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict]:
+        if self.token:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self.token}"}
         try:
             answer = requests.request(method, f"{self.url}/api/v1{path}", timeout=TIMEOUT_SECONDS, **kwargs)
         except requests.ConnectionError:
@@ -43,10 +61,15 @@ class WebApp:
         if not isinstance(body, dict):
             raise Unreachable(f"{self.url} answered HTTP {answer.status_code}, not as Standby's JSON API; --url "
                               "must name the web app (STANDBY_WEB_PORT, 5000 by default), not the proxy")
+        if answer.status_code == 401:
+            raise Unreachable(f"the web app at {self.url} wants a personal token: {body.get('error')}; set "
+                              "STANDBY_TOKEN (make one on your account page), or run this where `app.py up` "
+                              "wrote <data dir>/cli-token")
         return answer.status_code, body
 
 
-def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: TextIO = sys.stdout) -> int:
+def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: TextIO = sys.stdout,
+              token: str | None = None, project: str | None = None) -> int:
     """Apply every spec of every file, in order; 1 when a file cannot be read (then nothing is
     applied) or any spec is refused, else 0."""
     try:
@@ -55,9 +78,11 @@ def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: Tex
     except SpecFileError as exc:
         print(f"standby: {exc}", file=sys.stderr)
         return 1
-    web, query = WebApp(url), {"dry_run": "true"} if dry_run else {}
+    web, query = WebApp(url, token), {"dry_run": "true"} if dry_run else {}
     if restart:
         query["restart"] = "true"
+    if project:
+        query["project"] = project
     refused = 0
     for position, spec in enumerate(specs, start=1):
         try:
@@ -74,10 +99,10 @@ def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: Tex
     return 1 if refused else 0
 
 
-def cmd_get(name: str, output: str, url: str, out: TextIO = sys.stdout) -> int:
+def cmd_get(name: str, output: str, url: str, out: TextIO = sys.stdout, token: str | None = None) -> int:
     """Write an endpoint's spec as a file would hold it."""
     try:
-        status, answer = WebApp(url).call("GET", f"/endpoints/{quote(name, safe='')}")
+        status, answer = WebApp(url, token).call("GET", f"/endpoints/{quote(name, safe='')}")
     except Unreachable as exc:
         print(f"standby: {exc}", file=sys.stderr)
         return 1

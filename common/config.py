@@ -138,6 +138,17 @@ class Settings:
     # Whether model code may come from file:// URLs and local paths (tests, a single machine);
     # off by default: a registered path would read any repository on the worker's disk.
     allow_file_git: bool = False
+    # The login form (README.md "Accounts and projects"): after this many wrong passwords for a
+    # name from one address, attempts wait login_lock_seconds, doubling up to the maximum.
+    login_max_failures: int = 5
+    login_lock_seconds: float = 30.0
+    login_max_lock_seconds: float = 900.0
+    # Fernet keys for secret environment values at rest, newest first (comma-separated); empty:
+    # the key file in the data dir (common/secrets.py).
+    secrets_keys: str = ""
+    # Instances of the process backend run each as a uid of its own from this range (workers/
+    # isolation.py); "off": as the worker's own user.
+    instance_uids: str = "200000-299999"
 
     @property
     def temporal_target(self) -> str:
@@ -227,4 +238,9 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
         allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
+        login_max_failures=_int(env, "STANDBY_LOGIN_MAX_FAILURES", 5),
+        login_lock_seconds=_float(env, "STANDBY_LOGIN_LOCK_SECONDS", 30.0),
+        login_max_lock_seconds=_float(env, "STANDBY_LOGIN_MAX_LOCK_SECONDS", 900.0),
+        secrets_keys=env.get("STANDBY_SECRETS_KEYS", ""),
+        instance_uids=env.get("STANDBY_INSTANCE_UIDS") or "200000-299999",
     )

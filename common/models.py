@@ -32,6 +32,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# The project of endpoints and models made before projects existed (the migration that added
+# projects makes it with this id; common/account_models.py).
+DEFAULT_PROJECT_ID = 1
+
 # The largest id of a row: ids are Integer columns, 32-bit on PostgreSQL. A URL naming a larger one
 # names no row (and must not reach the database, whose driver would overflow).
 MAX_ROW_ID = 2**31 - 1
@@ -61,6 +65,9 @@ class Endpoint(EndpointSpecColumns, Base):
     __tablename__ = "endpoints"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    # The project it belongs to (common/account_models.py); others see a 404.
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True, default=DEFAULT_PROJECT_ID,
+                                            server_default=str(DEFAULT_PROJECT_ID))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     spec_updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -145,6 +152,8 @@ class Model(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True, default=DEFAULT_PROJECT_ID,
+                                            server_default=str(DEFAULT_PROJECT_ID))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     versions: Mapped[list["ModelVersion"]] = relationship(
@@ -216,3 +225,8 @@ class Host(Base):
                         gpus=gpus, cpu_cores=self.cpu_cores, memory_gb=self.memory_gb, disk_gb=self.disk_gb,
                         cpu_overcommit=self.cpu_overcommit, memory_overcommit=self.memory_overcommit,
                         disk_overcommit=self.disk_overcommit, netns=self.netns, backend=self.backend)
+
+
+# Users, projects, tokens and the audit log live in their own module; importing it here puts their
+# tables in `Base.metadata` wherever the models are loaded (migrations, the schema check).
+from common import account_models  # noqa: E402,F401

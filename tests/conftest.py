@@ -6,6 +6,7 @@ activity queues never mix), and a worker subprocess (`app.py worker`) it can kil
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from flask.testing import FlaskClient
 from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,7 +317,7 @@ def web_app(tmp_path, bridge=None, **env):
     })
     upgrade(settings.database_url)  # as `app.py web` does before gunicorn builds the app
     app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test", "STANDBY_BRIDGE": bridge})
-    yield app
+    yield with_admin(app)
     app.extensions["temporal_bridge"].close()
     with app.app_context():
         db.engine.dispose()
@@ -335,6 +337,104 @@ def served(wsgi_app) -> Iterator[str]:
         server.shutdown()
         thread.join(10)
         server.server_close()
+
+
+# ---- accounts (README.md "Accounts and projects") ----
+
+ADMIN = "admin"  # every web_app has this site admin; `client` is signed in as it
+TEST_PASSWORD = "correct horse battery staple"
+
+
+@functools.cache
+def _test_password_hash() -> str:
+    from common.accounts import hash_password
+
+    return hash_password(TEST_PASSWORD)  # scrypt costs ~0.2 s: once per session, not per user
+
+
+def add_user(app, name: str, *, admin: bool = False, projects: dict[str, str] | None = None):
+    """A user whose password is TEST_PASSWORD, member of `projects` ({name: role}, made if missing)."""
+    from common import accounts
+    from common.account_models import User
+    from webapp.extensions import db
+
+    with app.app_context():
+        user = User(name=name, password_hash=_test_password_hash(), is_admin=admin)
+        db.session.add(user)
+        db.session.flush()
+        for project, role in (projects or {}).items():
+            accounts.set_role(db.session, user, accounts.ensure_project(db.session, project), role)
+        db.session.commit()
+        return user.id
+
+
+def with_admin(app):
+    """`app` with the site admin ADMIN, whose test clients it signs in (SignedInClient). Tests about
+    other things act as the site admin; tests about accounts make their own users and use
+    anonymous_client()."""
+    from common import accounts
+    from webapp.extensions import db
+
+    with app.app_context():
+        exists = accounts.get_user(db.session, ADMIN) is not None
+    if not exists:
+        add_user(app, ADMIN, admin=True, projects={"default": "admin"})
+    if not issubclass(app.test_client_class or FlaskClient, SignedInClient):
+        app.test_client_class = SignedInClient
+    return app
+
+
+def token_for(app, name: str, token_name: str = "test") -> str:
+    """A new personal token of user `name`."""
+    from common import accounts
+    from webapp.extensions import db
+
+    with app.app_context():
+        _, plaintext = accounts.create_token(db.session, accounts.get_user(db.session, name), token_name)
+        db.session.commit()
+        return plaintext
+
+
+def sign_in(client, name: str = ADMIN):
+    """`client` signed in as `name` (the session Flask-Login keeps after /login)."""
+    from common import accounts
+    from webapp.extensions import db
+
+    with client.application.app_context():
+        session_id = accounts.get_user(db.session, name).get_id()
+    with client.session_transaction() as session:
+        session["_user_id"] = session_id
+        session["_fresh"] = True
+    return client
+
+
+def plain_env(app, env: list[dict]) -> list[dict]:
+    """An endpoint's stored env with its secret values opened, checking each was stored sealed
+    (README.md "Secrets at rest"); what only the worker does in the product."""
+    from common.secrets import box_for, is_sealed
+
+    box = box_for(app.extensions["standby_settings"])
+    out = []
+    for item in env or []:
+        if item.get("secret") and item.get("value"):
+            assert is_sealed(item["value"]), f"{item['key']} is stored in plain text"
+            item = {**item, "value": box.reveal(item["value"])}
+        out.append(item)
+    return out
+
+
+class SignedInClient(FlaskClient):
+    """A test client of the site admin: a personal token on every request (whatever Host it
+    names, which a session cookie would not follow), and a session for the UI's forms."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        sign_in(self, ADMIN)
+        self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(self.application, ADMIN)}"
+
+
+def anonymous_client(app) -> FlaskClient:
+    return FlaskClient(app, app.response_class, use_cookies=True)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ workflow's state, quota refusals.
 from __future__ import annotations
 
 from flask import Flask
-from flask.testing import FlaskClient
 from schemathesis.openapi import from_dict
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -18,6 +17,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from werkzeug.exceptions import HTTPException
 
+from tests.conftest import SignedInClient
 from webapp.openapi import API_PREFIX, document, openapi_path
 
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -38,9 +38,9 @@ def check_answer(app: Flask, method: str, path: str, response) -> str | None:
     return operation.label
 
 
-class ContractClient(FlaskClient):
-    """A test client that checks every /api/v1 answer against the document; `checked` holds
-    (operation label, status) of each answer it checked."""
+class ContractClient(SignedInClient):
+    """A test client (signed in as the site admin) that checks every /api/v1 answer against the
+    document; `checked` holds (operation label, status) of each answer it checked."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

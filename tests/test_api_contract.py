@@ -22,10 +22,12 @@ import threading
 from collections import Counter
 
 import pytest
+import requests
+from sqlalchemy import select
 
 from common.models import RUNNING, STANDBY, STOPPED, Endpoint, Instance
-from tests.conftest import ROOT, served, web_app
-from tests.contract_hooks import SEEDED
+from tests.conftest import ADMIN, ROOT, served, token_for, web_app
+from tests.contract_hooks import OWN_TOKEN_ID, SEEDED
 from webapp import api_keys
 from webapp.extensions import db
 from webapp.registry import add_git_version, create_model
@@ -53,6 +55,22 @@ def seed(app) -> None:
                     api_keys.create_key(db.session, endpoint, "ci")
             db.session.commit()
             add_git_version(create_model(name, "seeded"), "https://example.com/m.git", "main")
+    for _ in SEEDED["token_id"]:  # tokens the operations on a token may revoke (not the one it runs with)
+        token_for(app, ADMIN, "seeded")
+
+
+def own_token(app) -> str:
+    """The token schemathesis runs with, at an id it does not pick for DELETE /tokens/{token_id}
+    (contract_hooks.py OWN_TOKEN_ID): revoking it would make every later call a 401."""
+    from common import accounts
+    from common.account_models import ApiToken
+
+    plaintext = token_for(app, ADMIN, "schemathesis")
+    with app.app_context():
+        row = db.session.scalar(select(ApiToken).where(ApiToken.token_hash == accounts.hash_token(plaintext)))
+        row.id = OWN_TOKEN_ID
+        db.session.commit()
+    return plaintext
 
 
 class StatusTally:
@@ -77,13 +95,14 @@ def live_api(tmp_path):
         tally = StatusTally(app)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # thousands of requests: no line each
         with served(tally) as url:
-            yield url, tally
+            yield url, tally, own_token(app)
 
 
 def test_schemathesis_finds_no_answer_outside_the_document(live_api, tmp_path):
-    url, tally = live_api
+    url, tally, token = live_api
     report = tmp_path / "schemathesis.json"
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/api/v1/openapi.json",
+               "--header", f"Authorization: Bearer {token}",
                "--checks", ",".join(CHECKS), "--mode", "all", "--max-time", str(int(SECONDS)),
                "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "30",
                "--report", "json", "--report-json-path", str(report)]
@@ -99,3 +118,5 @@ def test_schemathesis_finds_no_answer_outside_the_document(live_api, tmp_path):
     assert summary["test_cases"]["generated"] >= 100 and not summary["failures"] and not summary["errors"]
     # The seeded rows were reached: not only refusals came back.
     assert tally.counts[200] and tally.counts[201] and tally.counts[503], tally.counts
+    # It ran signed in all along (its 401s are its own checks of requests without credentials).
+    assert requests.get(f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200

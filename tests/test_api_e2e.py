@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import temporal_bin, wait_until
+from tests.conftest import temporal_bin, wait_until, with_admin
 from tests.openapi_contract import ContractClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def api(stack):
     from webapp import create_app
 
-    app = create_app({"TESTING": True, "STANDBY_SETTINGS": stack.settings, "SECRET_KEY": "test"})
+    app = with_admin(create_app({"TESTING": True, "STANDBY_SETTINGS": stack.settings, "SECRET_KEY": "test"}))
     app.test_client_class = ContractClient  # every answer checked against the OpenAPI document
     with app.test_client() as client:
         yield client

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from common.models import Endpoint, Instance
 from common.spec_files import dump_spec, file_spec, read_specs
-from tests.conftest import RecordingBridge, web_app
+from tests.conftest import RecordingBridge, plain_env, web_app
 from webapp.extensions import db
 
 pytestmark = pytest.mark.timeout(120)
@@ -154,12 +154,16 @@ def test_a_secret_without_a_value_keeps_the_stored_one(app, client):
                                                                            "secret": True}
     kept = {**SPEC, "env": [{"key": "MODE", "value": "fast"}, {"key": "TOKEN", "secret": True}]}
     assert apply(client, kept).get_json()["action"] == "unchanged"
-    assert stored(app).env[1] == {"key": "TOKEN", "value": "s3cret", "secret": True}
+    assert plain_env(app, stored(app).env)[1] == {"key": "TOKEN", "value": "s3cret", "secret": True}
 
     rotated = apply(client, {**SPEC, "env": [{"key": "TOKEN", "value": "n3w", "secret": True}]}).get_json()
     assert rotated["action"] == "updated"
     assert rotated["changes"][0]["to"] == [{"key": "TOKEN", "value": None, "secret": True}]  # masked
-    assert "n3w" not in str(rotated) and stored(app).env == [{"key": "TOKEN", "value": "n3w", "secret": True}]
+    assert "n3w" not in str(rotated) and plain_env(app, stored(app).env) == [{"key": "TOKEN", "value": "n3w",
+                                                                              "secret": True}]
+    # The same value sent again is the same sealed value: nothing changes.
+    again = apply(client, {**SPEC, "env": [{"key": "TOKEN", "value": "n3w", "secret": True}]}).get_json()
+    assert again["action"] == "unchanged", again
     assert apply(client, SPEC).get_json()["action"] == "updated" and stored(app).env == []
 
 

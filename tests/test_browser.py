@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.conftest import served, web_app
+from tests.conftest import ADMIN, TEST_PASSWORD, served, web_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -34,6 +34,16 @@ def base_url(tmp_path):
         next(apps, None)  # the app fixture's cleanup
 
 
+def sign_in(page, base_url: str, name: str = ADMIN, password: str = TEST_PASSWORD) -> None:
+    """Through the login form, as a person does; every page asks for it first."""
+    page.goto(f"{base_url}/endpoints")
+    page.wait_for_url(f"{base_url}/login?next=/endpoints")
+    page.fill("#name", name)
+    page.fill("#password", password)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{base_url}/endpoints")
+
+
 @pytest.fixture
 def page(base_url):  # after the server, so the browser closes before it stops
     with sync_api.sync_playwright() as playwright:
@@ -42,6 +52,7 @@ def page(base_url):  # after the server, so the browser closes before it stops
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             page = context.new_page()
             page.set_default_timeout(20_000)
+            sign_in(page, base_url)
             yield page
         finally:
             browser.close()

@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from common.config import load_settings
 from common.models import ApiKey, Endpoint, Model, ModelVersion
-from tests.conftest import RecordingBridge, free_port, served
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import RecordingBridge, free_port, served, with_admin
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, sign_in
 from tests.test_hostile_input import mutating_api_rules
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -r requirements-dev.txt)")
@@ -80,7 +80,8 @@ def target(tmp_path):
     settings = load_settings({"STANDBY_DATA_DIR": str(tmp_path / "data"), "STANDBY_GPUS": "T4:2"})
     bridge = RecordingBridge()
     upgrade(settings.database_url)  # as `app.py web` does before serving
-    app = create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test", "STANDBY_BRIDGE": bridge})
+    app = with_admin(create_app({"TESTING": True, "STANDBY_SETTINGS": settings, "SECRET_KEY": "test",
+                                 "STANDBY_BRIDGE": bridge}))
     hits: list[tuple[str, str, int]] = []
 
     @app.after_request
@@ -153,6 +154,8 @@ def test_a_cross_origin_page_cannot_act_through_the_api(target, attacker):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page()
+            sign_in(page, base_url)  # the victim is signed in to Standby in this browser
+            hits.clear()
             page.goto(attack_url)
             page.wait_for_function("document.title === 'done'", timeout=180_000)
         finally:

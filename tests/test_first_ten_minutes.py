@@ -12,6 +12,7 @@ API and the proxy, with defaults. Each test here failed before issue 7 was fixed
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import io
 import json
 import tarfile
@@ -19,7 +20,6 @@ import time
 from datetime import datetime
 
 import pytest
-import requests
 
 from tests.conftest import ROOT, wait_until
 from tests.user_world import unique
@@ -142,7 +142,7 @@ def test_a_starting_instance_says_what_its_probe_sees(user):
         return instances and "HTTP 404" in (instances[0]["reason"] or "") and instances[0]
     instance = wait_until(probing, 30, interval=0.2, message="the probe's answer on the instance")
     assert instance["reason"] == "GET /healthz -> HTTP 404, waiting for HTTP 200 from /healthz"
-    page = requests.get(f"{user.web}/endpoints/{name}", timeout=10).text
+    page = user.browser().get(f"{user.web}/endpoints/{name}", timeout=10).text
     assert "GET /healthz -&gt; HTTP 404, waiting for HTTP 200 from /healthz" in page
     assert user.api("POST", f"/endpoints/{name}/terminate").status_code == 202
 
@@ -198,3 +198,35 @@ def test_ping_of_a_routes_endpoint_answers_200_without_waking_it(user):
     served = user.call(name, "/ping")  # now the runtime answers it
     assert served.status_code == 200 and served.headers["Deploy-Route-Target"]
     user.api("POST", f"/endpoints/{name}/stop")
+
+
+def test_the_readmes_api_commands_work_as_written(user):
+    """README "Your first endpoint in one minute", the JSON API block, copy-pasted: only the ports
+    (a test's own) and the endpoint's name (unique in the session) differ."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("The same with the JSON API"):]
+    block = block[block.index("```sh") + 5:]
+    block = block[:block.index("```")]
+    name = unique("readmetutorial")
+    script = (block.replace("localhost:5000", user.web.removeprefix("http://"))
+              .replace("localhost:8000", user.proxy.removeprefix("http://"))
+              .replace('"tutorial"', f'"{name}"').replace("/e/tutorial/", f"/e/{name}/"))
+    assert "cat data/cli-token" in script  # the token `up` wrote, read where the README says
+    done = subprocess.run(["bash", "-euc", script], cwd=user.tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Directory listing" in done.stdout and "Deploy-Cold-Start: true" in done.stdout, done.stdout
+    user.wait_status(name, "running")
+    user.api("POST", f"/endpoints/{name}/stop")
+
+
+def test_up_says_how_to_sign_in_and_the_api_wants_it(user):
+    log = user.log()
+    assert "Sign in as admin with password" in log and "export STANDBY_TOKEN=$(cat " in log
+    assert oct((user.tmp_path / "data" / "cli-token").stat().st_mode & 0o777) == "0o600"
+    import requests
+
+    anonymous = requests.get(f"{user.web}/api/v1/endpoints", timeout=10)
+    assert anonymous.status_code == 401 and "Authorization: Bearer" in anonymous.json()["error"]
+    assert user.api("GET", "/me").json()["name"] == "admin"
+    page = requests.get(f"{user.web}/endpoints", timeout=10, allow_redirects=False)
+    assert page.status_code == 302 and "/login" in page.headers["Location"]

@@ -189,7 +189,8 @@ def test_allowed_hosts_are_configurable(tmp_path):
 
 def mutating_api_rules(app):
     """Every (method, URL) of the JSON API that changes something, from Flask's URL map."""
-    samples = {"name": "victim", "key_id": "1", "number": "1", "action": "stop", "operation": "drain"}
+    samples = {"name": "victim", "key_id": "1", "number": "1", "action": "stop", "operation": "drain",
+               "project": "default", "user": "admin", "token_id": "1"}
     rules = []
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/"):
@@ -240,6 +241,11 @@ def test_cross_site_requests_cannot_act(app, client, headers, content_type, body
         assert after == before
         assert db.session.execute(select(db.func.count()).select_from(db.metadata.tables["api_keys"])).scalar() == 0
         assert db.session.execute(select(db.func.count()).select_from(db.metadata.tables["models"])).scalar() == 0
+        assert db.session.execute(select(db.func.count()).select_from(db.metadata.tables["projects"])).scalar() == 1
+        assert db.session.execute(select(db.func.count()).select_from(db.metadata.tables["users"])).scalar() == 1
+        # The client's own token, unrevoked.
+        assert db.session.execute(select(db.func.count()).select_from(db.metadata.tables["api_tokens"])
+                                  .where(db.metadata.tables["api_tokens"].c.revoked_at.is_(None))).scalar() == 1
 
 
 @pytest.mark.parametrize("headers", [{}, {"Origin": "http://localhost"}, {"Sec-Fetch-Site": "same-origin"},

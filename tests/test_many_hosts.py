@@ -28,7 +28,7 @@ from common.config import load_settings
 from common.db import Database
 from common.models import Endpoint, Instance
 from common.schema import upgrade
-from tests.conftest import ROOT, USED_ENDPOINT_NAMES, free_port, wait_until
+from tests.conftest import ROOT, USED_ENDPOINT_NAMES, free_port, wait_until, with_admin
 from tests.proxy_fixtures import ProxyProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -107,8 +107,8 @@ def cluster(tmp_path_factory, temporal_server):
         c.start_worker(short)
     c.proxy = ProxyProcess(c.base, tmp / "proxy.log")
     c.proxy.start()
-    c.app = create_app({"TESTING": True, "SECRET_KEY": "test", "STANDBY_SETTINGS": load_settings(
-        {**c.base, "STANDBY_DATA_DIR": str(tmp / "web-data")})})
+    c.app = with_admin(create_app({"TESTING": True, "SECRET_KEY": "test", "STANDBY_SETTINGS": load_settings(
+        {**c.base, "STANDBY_DATA_DIR": str(tmp / "web-data")})}))
     c.api = c.app.test_client()
     wait_until(lambda: len(c.api.get("/api/v1/hosts").get_json()["hosts"]) == 3, 60, message="three hosts")
     try:

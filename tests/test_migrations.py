@@ -180,6 +180,15 @@ def test_previous_release_database_is_adopted_with_every_row_intact(database_url
             model = s.scalar(select(Model).where(Model.name == "embedder"))
             assert [v.number for v in model.versions] == [1, 2]
             assert embed.model_version_id == model.versions[0].id
+            # Made before projects existed: in the project `default` (issue 12's migration).
+            from common.account_models import Project
+
+            assert s.get(Project, 1).name == "default" and s.get(Project, 1).max_endpoints == 20
+            assert tts.project_id == embed.project_id == model.project_id == 1
+            new = Project(name="made-after")  # the id sequence goes on after the default's id
+            s.add(new)
+            s.flush()
+            assert new.id == 2
     finally:
         db.engine.dispose()
     assert upgrade(database_url).before == head_revision()  # the next start finds nothing to do

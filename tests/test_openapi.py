@@ -15,7 +15,8 @@ from sqlalchemy import select
 from common.models import RUNNING, STOPPED, Endpoint, Host, Instance
 from common.routes import PARAM_KEYS, ROUTE_KEYS
 from common.spec_fields import NAMES, SPEC
-from tests.openapi_contract import ContractClient
+from tests.conftest import add_user, anonymous_client, token_for
+from tests.openapi_contract import ContractClient, check_answer
 from webapp.extensions import db
 from webapp.openapi import api_rules
 SERVER = {"start_command": "python -m http.server $PORT"}
@@ -183,8 +184,58 @@ def test_real_answers_match_the_document(app, doc):
     call("POST", "/api/v1/hosts/{name}/{operation}", 503, name="gpu-1", operation="drain")
     call("POST", "/api/v1/hosts/{name}/{operation}", 404, name="nope", operation="drain")
     call("POST", "/api/v1/hosts/{name}/{operation}", 404, name="gpu-1", operation="reboot")
+
+    # Accounts, projects, quotas and the audit log (README.md "Accounts and projects").
+    call("GET", "/api/v1/me", 200)
+    token = call("POST", "/api/v1/tokens", 201, json={"name": "laptop"})
+    call("POST", "/api/v1/tokens", 400, json={"name": 7})
+    assert token["id"] in [t["id"] for t in call("GET", "/api/v1/tokens", 200)["tokens"]]
+    call("DELETE", "/api/v1/tokens/{token_id}", 200, token_id=token["id"])
+    call("DELETE", "/api/v1/tokens/{token_id}", 404, token_id=token["id"])
+    projects, project = "/api/v1/projects", "/api/v1/projects/{project}"
+    call("POST", projects, 201, json={"name": "ml-team", "max_gpus": 2})
+    call("POST", projects, 400, json={"name": "ml-team"})
+    assert {p["name"] for p in call("GET", projects, 200)["projects"]} == {"default", "ml-team"}
+    call("GET", project, 404, project="nope")
+    assert call("PATCH", project, 200, project="ml-team", json={"max_endpoints": 1})["changes"] == {
+        "max_endpoints": {"from": 20, "to": 1}}
+    call("PATCH", project, 400, project="ml-team", json={"max_endpoints": -1})
+    call("POST", "/api/v1/users", 201, json={"name": "ana", "project": "ml-team", "role": "viewer"})
+    call("POST", "/api/v1/users", 400, json={"name": "ana"})
+    call("GET", "/api/v1/users", 200)
+    member = "/api/v1/projects/{project}/members/{user}"
+    call("PUT", member, 200, project="ml-team", user="ana", json={"role": "developer"})
+    call("PUT", member, 400, project="ml-team", user="ana", json={"role": "owner"})
+    call("PUT", member, 404, project="ml-team", user="nobody", json={"role": "viewer"})
+    assert {"user": "ana", "role": "developer"} in call("GET", project, 200, project="ml-team")["members"]
+    call("POST", endpoints, 503, query="?project=ml-team", json={"name": "team-one", **SERVER})
+    refused = call("POST", endpoints, 409, query="?project=ml-team", json={"name": "team-two", **SERVER})
+    assert refused["quota"] == {"used": 1, "limit": 1, "stopped": 0, "failed": 0}
+    call("POST", endpoints, 404, query="?project=nope", json={"name": "team-two", **SERVER})
+    assert call("GET", "/api/v1/endpoints/{name}/audit", 200, name="tts")["entries"]
+    assert call("GET", "/api/v1/audit", 200, query="?project=ml-team")["entries"]
+    call("GET", "/api/v1/audit", 400, query="?limit=0")
+    call("DELETE", member, 200, project="ml-team", user="ana")
+    call("DELETE", member, 404, project="ml-team", user="ana")
     every_operation = {f"{method.upper()} {path}" for path, item in doc["paths"].items() for method in item}
     assert {label for label, _ in call.client.checked} == every_operation
+
+    # Without credentials, every operation is the documented 401; a developer is refused the site
+    # admin's operations with the documented 403.
+    add_user(app, "dev", projects={"ml-team": "developer"})
+    headers = {"Authorization": f"Bearer {token_for(app, 'dev')}"}
+    for path, item in doc["paths"].items():
+        url = re.sub(r"{(\w+)}", lambda m: {"name": "tts", "project": "ml-team", "user": "dev", "key_id": "1",
+                                            "token_id": "1", "number": "1", "action": "stop",
+                                            "operation": "drain"}[m.group(1)], path)
+        for method, operation in item.items():
+            response = anonymous_client(app).open(url, method=method.upper())
+            assert response.status_code == 401, (method, path)
+            check_answer(app, method.upper(), url, response)
+            if "403" in operation["responses"] and method == "get":
+                refused = anonymous_client(app).open(url, method="GET", headers=headers)
+                assert refused.status_code == 403, (path, refused.get_json())
+                check_answer(app, "GET", url, refused)
 
 
 def test_the_reference_page_shows_the_whole_document_without_javascript_or_other_sites(client, doc):

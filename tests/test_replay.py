@@ -25,8 +25,10 @@ from workflows.pool import PoolWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 # Histories recorded by earlier releases stay, each replayed by today's code: endpoint, instance
-# and gpu_pool before pools existed; *-pools and pool since (placement through PoolWorkflow).
-KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool")
+# and gpu_pool before pools existed; *-pools and pool since (placement through PoolWorkflow);
+# pool-quota, a pool holding back a project past its GPU quota (recorded by
+# tests/test_gpu_quota.py with STANDBY_RECORD_HISTORIES=1).
+KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "pool-quota")
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow, PoolWorkflow]
 
 

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from common.models import FAILED, RUNNING, STOPPED, Endpoint, Instance
+from tests.conftest import plain_env
 from tests.test_webapp_validation import FORM_VALID, VALID, count_endpoints
 from webapp.extensions import db
 
@@ -75,8 +76,9 @@ def test_review_then_confirm_creates(app, client):
     assert SECRET not in detail and "HF_TOKEN=••••" in detail
     with app.app_context():
         endpoint = db.session.scalar(select(Endpoint))
-        assert endpoint.env == [{"key": "MODE", "value": "fast", "secret": False},
-                                {"key": "HF_TOKEN", "value": SECRET, "secret": True}]
+        assert SECRET not in str(endpoint.env)  # sealed at rest (README.md "Secrets at rest")
+        assert plain_env(app, endpoint.env) == [{"key": "MODE", "value": "fast", "secret": False},
+                                                {"key": "HF_TOKEN", "value": SECRET, "secret": True}]
     # A second confirm of the same draft creates nothing more.
     again = client.post("/endpoints/new/confirm", data={"csrf_token": csrf_token(text), "draft": draft_token(text)})
     assert again.status_code == 302 and count_endpoints(app) == 1
@@ -102,7 +104,7 @@ def test_edit_keeps_masked_secret_and_name_disk_are_immutable(app, client):
     with app.app_context():
         endpoint = db.session.scalar(select(Endpoint))
         assert (endpoint.name, endpoint.disk_gb, endpoint.max_instances) == ("tts", 10, 3)
-        assert {"key": "HF_TOKEN", "value": SECRET, "secret": True} in endpoint.env
+        assert {"key": "HF_TOKEN", "value": SECRET, "secret": True} in plain_env(app, endpoint.env)
         assert {"key": "MODE", "value": "slow", "secret": False} in endpoint.env
 
 
@@ -122,7 +124,7 @@ def test_patch_immutable_fields_and_secret_kept(app, client):
     with app.app_context():
         endpoint = db.session.scalar(select(Endpoint))
         assert endpoint.max_instances == 2
-        assert {"key": "HF_TOKEN", "value": SECRET, "secret": True} in endpoint.env
+        assert {"key": "HF_TOKEN", "value": SECRET, "secret": True} in plain_env(app, endpoint.env)
 
 
 def test_unknown_endpoint_is_json_404(client):

@@ -10,6 +10,7 @@ which `up` supports as a documented setting.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,9 +95,32 @@ class UpProcess:
         self._log.close()
         return self.proc.returncode
 
+    # ---- signing in, as the README says: the first admin `up` made ----
+    @property
+    def token(self) -> str:
+        """The first admin's token, from the file `up` wrote (README.md "Accounts and projects")."""
+        return (self.tmp_path / "data" / "cli-token").read_text().strip()
+
+    @property
+    def admin_password(self) -> str:
+        match = re.search(r"Sign in as admin with password (\S+)", self.log())
+        assert match, "app.py up printed no first admin's password:\n" + self.log()[-3000:]
+        return match.group(1)
+
+    def browser(self, name: str = "admin", password: str | None = None) -> requests.Session:
+        """A session signed in through the login form, as a browser would be."""
+        session = requests.Session()
+        page = session.get(f"{self.web}/login", timeout=30).text
+        csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)
+        answer = session.post(f"{self.web}/login", timeout=30, allow_redirects=False, data={
+            "csrf_token": csrf, "name": name, "password": password or self.admin_password})
+        assert answer.status_code == 302, answer.text[:2000]
+        return session
+
     # ---- the JSON API, as the README shows it ----
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 60)
+        kwargs["headers"] = {"Authorization": f"Bearer {self.token}", **kwargs.get("headers", {})}
         return requests.request(method, f"{self.web}/api/v1{path}", **kwargs)
 
     def create(self, spec: dict) -> dict:

@@ -98,6 +98,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,
         SQLALCHEMY_RECORD_QUERIES=False,
         MAX_CONTENT_LENGTH=MAX_JSON_BODY_BYTES,
+        # The session cookie (webapp/auth.py) is not sent on another site's POSTs at all.
+        SESSION_COOKIE_SAMESITE="Lax",
     )
     app.config.from_prefixed_env()
     if test_config:
@@ -119,9 +121,10 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, hosts, registry, request_guard, ui
+    from webapp import api, auth, hosts, projects, registry, request_guard, ui
 
     request_guard.install(app, api_error)
+    auth.init_app(app)  # after the request guard: a refused Host or URL is answered before sign-in
 
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp)
@@ -130,6 +133,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(hosts.ui_bp)
     app.register_blueprint(hosts.api_bp)
     csrf.exempt(hosts.api_bp)
+    app.register_blueprint(projects.ui_bp)
+    app.register_blueprint(projects.api_bp)
+    csrf.exempt(projects.api_bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -150,8 +156,10 @@ def create_app(test_config: dict | None = None) -> Flask:
         return http_error(InternalServerError("internal error; the web app's log has the details"))
 
     @app.get("/healthz")
+    @auth.access(auth.PUBLIC)
     def healthz():
         """Liveness for `app.py up` and load balancers."""
         return {"ok": True}
 
+    auth.check_declared(app)
     return app

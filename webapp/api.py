@@ -9,10 +9,13 @@ from sqlalchemy.exc import IntegrityError
 
 from common.models import FAILED, TERMINATED, ApiKey, Endpoint
 from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
-from webapp import api_keys
+from common.account_models import Project
+from webapp import api_keys, audit
+from webapp.auth import DEVELOPER, SIGNED_IN, VIEWER, access, require_role, role_in, visible_project_ids
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.listing import InvalidListQuery, endpoint_page, parse_list_query
 from webapp.openapi import document
+from webapp.projects import QuotaExceeded, creation_project, endpoint_usage, foreign_version_error
 from webapp.spec import DEFAULTS, changes, validate_spec
 from webapp.views_common import (
     ACTIONS,
@@ -28,6 +31,7 @@ from webapp.views_common import (
     parse_line_count,
     perform_action,
     previous_still_finishing,
+    project_name,
     recent_events,
     restart_message,
 )
@@ -73,16 +77,26 @@ def _flag(name: str) -> bool:
 
 
 def _validated(body: dict, existing: Endpoint | None) -> tuple[dict, dict]:
-    return validate_spec(body, existing=existing, inventory=gpu_inventory(), settings=settings(), session=db.session)
+    clean, errors = validate_spec(body, existing=existing, inventory=gpu_inventory(), settings=settings(),
+                                  session=db.session)
+    if "model_version_id" not in errors and (problem := foreign_version_error(clean.get("model_version_id"))):
+        errors["model_version_id"] = problem
+    return clean, errors
 
 
 def _invalid_spec(errors: dict):
     return error(400, "invalid endpoint spec: " + "; ".join(errors.values()), errors)
 
 
-def _create(clean: dict) -> tuple[Endpoint | None, tuple | None]:
-    """Insert a validated spec and start its workflow: (the endpoint, None), or what to answer
-    instead (with the endpoint when it was saved but its workflow could not be started)."""
+def _quota_refusal(message: str, project: Project):
+    return error(409, message, {"project": message}, quota=endpoint_usage(project).json())
+
+
+def _create(clean: dict, project: Project) -> tuple[Endpoint | None, tuple | None]:
+    """Insert a validated spec in `project` and start its workflow: (the endpoint, None), or what
+    to answer instead (with the endpoint when it was saved but its workflow could not be started)."""
+    if refusal := endpoint_usage(project).refusal(project.name):
+        return None, _quota_refusal(refusal, project)
     try:
         blocker = previous_still_finishing(clean["name"])
     except (TemporalUnavailable, WorkflowActionError) as exc:
@@ -90,7 +104,9 @@ def _create(clean: dict) -> tuple[Endpoint | None, tuple | None]:
     if blocker:
         return None, error(409, blocker, {"name": blocker})
     try:
-        endpoint = create_endpoint_row(clean)
+        endpoint = create_endpoint_row(clean, project)
+    except QuotaExceeded as exc:
+        return None, _quota_refusal(str(exc), project)
     except IntegrityError:
         db.session.rollback()
         return None, error(400, "invalid endpoint spec",
@@ -104,36 +120,43 @@ def _create(clean: dict) -> tuple[Endpoint | None, tuple | None]:
 
 
 @bp.post("/endpoints")
+@access(DEVELOPER)
 def create_endpoint():
-    """Create an endpoint and start its workflow."""
+    """Create an endpoint and start its workflow, in the project ?project= names (by default the
+    only project where you are a developer, else `default`); past the project's endpoint quota,
+    409 with the counts."""
+    project = creation_project(request.args.get("project"))
     body = _json_body()
     if body is None:
         return error(400, "the request body must be a JSON object of spec fields")
     clean, errors = _validated(body, None)
     if errors:
         return _invalid_spec(errors)
-    endpoint, failure = _create(clean)
+    endpoint, failure = _create(clean, project)
     return failure or (endpoint_json(endpoint), 201)
 
 
 @bp.get("/endpoints")
+@access(SIGNED_IN)
 def list_endpoints():
     """One page of endpoints in name order (?limit, ?cursor from the last answer's `next`,
     filters ?status, ?environment, ?prefix); `next` is null on the last page."""
     try:
-        page = endpoint_page(parse_list_query(request.args))
+        page = endpoint_page(parse_list_query(request.args), visible_project_ids())
     except InvalidListQuery as exc:
         return error(400, str(exc), exc.errors)
     return {"endpoints": [endpoint_json(e) for e in page.endpoints], "next": page.next_cursor}
 
 
 @bp.get("/endpoints/<name>")
+@access(VIEWER)
 def show_endpoint(name: str):
     """One endpoint: spec, status, url, instances."""
     return endpoint_json(get_endpoint(name))
 
 
 @bp.patch("/endpoints/<name>")
+@access(DEVELOPER)
 def update_endpoint(name: str):
     """Change spec fields by their edit class: live ones at once (the workflow is told and the
     running instances follow), restart-class ones with ?restart=true while instances run
@@ -161,6 +184,7 @@ def _restart_refusal(outcome: UpdateOutcome, **extra):
 
 
 @bp.post("/apply")
+@access(DEVELOPER)
 def apply_spec():
     """Create or update an endpoint from a whole spec (README "Spec files"); ?dry_run=true answers
     the same and changes nothing, ?restart=true allows restart-class changes while instances run."""
@@ -172,8 +196,15 @@ def apply_spec():
     name = body.get("name")
     endpoint = db.session.scalar(select(Endpoint).where(Endpoint.name == name.strip())) \
         if isinstance(name, str) else None
+    if endpoint is not None and role_in(endpoint.project_id) is None:
+        endpoint = None  # another project's: for this user the name is taken, nothing more
     if endpoint is None or endpoint.status == TERMINATED:
         return _apply_new(body, dry_run)
+    require_role(endpoint.project_id, f"no endpoint named {name!r}", DEVELOPER)
+    if (wanted := request.args.get("project")) and wanted != project_name(endpoint.project_id):
+        message = (f"endpoint {endpoint.name} belongs to project {project_name(endpoint.project_id)}; an endpoint "
+                   "cannot move to another project (create it there under another name)")
+        return _applied("refused", dry_run, endpoint, UpdateOutcome(), error(400, message, {"project": message}))
     # Declarative: the spec is the whole spec, so a field it leaves out goes back to its default
     # (the pools: this installation's default pool). A secret variable without a value keeps the
     # stored value (webapp/spec.py _clean_env).
@@ -195,13 +226,16 @@ def apply_spec():
 
 
 def _apply_new(body: dict, dry_run: bool):
+    project = creation_project(request.args.get("project"))
     clean, errors = _validated(body, None)
     if errors:
         return _applied("refused", dry_run, None, UpdateOutcome(), _invalid_spec(errors))
     outcome = UpdateOutcome(changes=changes(None, clean, {"pools": [settings().pool]}))
     if dry_run:
+        if refusal := endpoint_usage(project).refusal(project.name):
+            return _applied("refused", dry_run, None, outcome, _quota_refusal(refusal, project))
         return _applied("created", dry_run, None, outcome)
-    endpoint, failure = _create(clean)
+    endpoint, failure = _create(clean, project)
     outcome.saved = endpoint is not None
     return _applied("created" if outcome.saved else "refused", dry_run, endpoint, outcome, failure, 201)
 
@@ -219,6 +253,7 @@ def _applied(action: str, dry_run: bool, endpoint: Endpoint | None, outcome: Upd
 
 
 @bp.post("/endpoints/<name>/<action>")
+@access(DEVELOPER)
 def endpoint_action(name: str, action: str):
     """stop, restart, terminate, wake (?wait=true waits for a ready instance), scale-out."""
     if action not in ACTIONS:
@@ -238,6 +273,7 @@ def endpoint_action(name: str, action: str):
 
 
 @bp.get("/endpoints/<name>/workflow")
+@access(VIEWER)
 def workflow_status(name: str):
     """What the endpoint's workflow holds right now (its `status` query): desired state,
     generation, pending wake, in-flight requests per instance."""
@@ -249,18 +285,21 @@ def workflow_status(name: str):
 
 
 @bp.get("/endpoints/<name>/instances")
+@access(VIEWER)
 def list_instances(name: str):
     """Instances of an endpoint, newest first."""
     return {"instances": [instance_json(i) for i in get_endpoint(name).instances]}
 
 
 @bp.get("/endpoints/<name>/events")
+@access(VIEWER)
 def list_events(name: str):
     """Event timeline, newest first."""
     return {"events": [event_json(e) for e in recent_events(get_endpoint(name))]}
 
 
 @bp.get("/endpoints/<name>/logs")
+@access(VIEWER)
 def logs(name: str):
     """Instance log lines, newest first (?instance=<id>&lines=N)."""
     endpoint = get_endpoint(name)
@@ -275,6 +314,7 @@ def logs(name: str):
 
 
 @bp.post("/endpoints/<name>/keys")
+@access(DEVELOPER)
 def create_key(name: str):
     """Create an API key; the key itself is in this answer only."""
     endpoint = get_endpoint(name)
@@ -288,10 +328,12 @@ def create_key(name: str):
         return error(400, problem, {"name": problem})
     row, plaintext = api_keys.create_key(db.session, endpoint, key_name)
     db.session.commit()
+    audit.record("key.create", endpoint=endpoint, target=f"{row.prefix}… {key_name}".strip())
     return {**api_keys.key_json(row), "key": plaintext}, 201
 
 
 @bp.get("/endpoints/<name>/keys")
+@access(VIEWER)
 def list_keys(name: str):
     """Active keys (prefix, name, created); never the keys themselves."""
     endpoint = get_endpoint(name)
@@ -299,6 +341,7 @@ def list_keys(name: str):
 
 
 @bp.delete("/endpoints/<name>/keys/<int:key_id>")
+@access(DEVELOPER)
 def revoke_key(name: str, key_id: int):
     """Revoke a key: the proxy refuses it from now on."""
     endpoint = get_endpoint(name)
@@ -307,10 +350,12 @@ def revoke_key(name: str, key_id: int):
         return error(404, f"endpoint {name!r} has no active key with id {key_id}")
     api_keys.revoke_key(db.session, key)
     db.session.commit()
+    audit.record("key.revoke", endpoint=endpoint, target=f"{key.prefix}… {key.name}".strip())
     return {"revoked": key_id}
 
 
 @bp.get("/openapi.json")
+@access(SIGNED_IN)
 def openapi_document():
     """This API in OpenAPI 3.1: every route, its parameters, bodies and answers, errors included; the spec
     fields' schemas come from their declarations (common/spec_fields.py). Read it as a page at /docs/api."""

@@ -69,9 +69,14 @@ class _EndpointFormBase(FlaskForm):
                     '"function": "predict", "call": "keyword", "params": [{"name": "text", "type": "str"}]}]',
     )
     draft = HiddenField()
+    project = SelectField("Project", validate_choice=False,
+                          description="The project the endpoint belongs to; its members see it, others do not.")
 
     def __init__(self, *args, **kwargs):
+        from webapp.auth import DEVELOPER, projects_where
+
         super().__init__(*args, **kwargs)
+        self.project.choices = [SelectChoice(p.name, p.name) for p in projects_where(DEVELOPER)]
         self.model_version_id.choices = [SelectChoice("", "— none: use the git URL below —")] + [
             SelectChoice(str(version_id), label) for version_id, label in version_choices()
         ]

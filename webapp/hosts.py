@@ -14,6 +14,8 @@ from sqlalchemy import select
 
 from common.models import INSTANCE_LIVE_STATES, Endpoint, Host, Instance
 from common.temporal_bridge import TemporalUnavailable, WorkflowActionError
+from webapp import audit
+from webapp.auth import SIGNED_IN, SITE_ADMIN, access, visible_project_ids
 from webapp.extensions import bridge, db
 from webapp.forms import ActionForm
 from workflows.placement import CPU_CLASS
@@ -31,10 +33,13 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def hosts_json() -> list[dict]:
-    """Every host with its GPUs (used and free per type) and the instances placed on it."""
+    """Every host with its GPUs (used and free per type) and the instances placed on it. Another
+    project's instances count as used but are not named (webapp/auth.py: they do not exist for you)."""
     hosts = db.session.scalars(select(Host).order_by(Host.pool, Host.name)).all()
+    shown = visible_project_ids()
     rows = db.session.execute(
-        select(Instance.id, Instance.host, Instance.status, Instance.gpus, Instance.gpu_type, Endpoint.name)
+        select(Instance.id, Instance.host, Instance.status, Instance.gpus, Instance.gpu_type, Endpoint.name,
+               Endpoint.project_id)
         .join(Endpoint, Endpoint.id == Instance.endpoint_id)
         .where(Instance.status.in_(INSTANCE_LIVE_STATES), Instance.host != "")).all()
     on_host: dict[str, list] = {}
@@ -51,6 +56,10 @@ def hosts_json() -> list[dict]:
             entry = summary.setdefault(gpu["type"], {"total": 0, "used": 0, "free": 0})
             entry["total"] += 1
             entry["used" if gpu["instance"] else "free"] += 1
+        if shown is not None:
+            foreign = {row.id for row in placed if row.project_id not in shown}
+            placed = [row for row in placed if row.id not in foreign]
+            gpus = [{**gpu, "instance": None if gpu["instance"] in foreign else gpu["instance"]} for gpu in gpus]
         seen = host.last_heartbeat_at
         seen = seen if seen is None or seen.tzinfo else seen.replace(tzinfo=timezone.utc)
         out.append({
@@ -76,6 +85,7 @@ def _operate(name: str, operation: str) -> tuple[str, int]:
                                  HostRef(name, f"{operation}ed from the web app"))
     except (TemporalUnavailable, WorkflowActionError) as exc:
         return f"could not {operation} {name}: {exc}", 503
+    audit.record(f"host.{operation}", target=name)
     what = "takes no new instances; those running finish" if operation == "drain" else "takes new instances again"
     return f"host {name} {what}", 202
 
@@ -114,12 +124,14 @@ def placement_forecast(spec: dict) -> list[str]:
 
 
 @api_bp.get("/hosts")
+@access(SIGNED_IN)
 def list_hosts():
     """Every host: pool, state, GPUs used/free per type, instances on it."""
     return {"hosts": hosts_json()}
 
 
 @api_bp.post("/hosts/<name>/<operation>")
+@access(SITE_ADMIN)
 def host_operation(name: str, operation: str):
     """drain (no new instances; those running finish) or undrain a host."""
     if operation not in OPERATIONS:
@@ -131,12 +143,14 @@ def host_operation(name: str, operation: str):
 
 
 @ui_bp.get("/hosts")
+@access(SIGNED_IN)
 def hosts_page():
     """The hosts page: every host of every pool."""
     return render_template("hosts.html", hosts=hosts_json(), form=ActionForm())
 
 
 @ui_bp.post("/hosts/<name>/<operation>")
+@access(SITE_ADMIN)
 def host_button(name: str, operation: str):
     """The drain / undrain buttons."""
     ActionForm().validate_on_submit()

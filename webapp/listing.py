@@ -19,6 +19,7 @@ from typing import Mapping
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from common.account_models import Project
 from common.models import ENDPOINT_STATES, Endpoint
 from common.spec_fields import BY_NAME, ENVIRONMENTS
 from webapp.extensions import db
@@ -47,11 +48,12 @@ class ListQuery:
     status: str = ""
     environment: str = ""
     prefix: str = ""
+    project: str = ""
 
     def filters(self) -> dict[str, str]:
         """The filters that are set, as query parameters."""
         return {k: v for k, v in (("status", self.status), ("environment", self.environment),
-                                  ("prefix", self.prefix)) if v}
+                                  ("prefix", self.prefix), ("project", self.project)) if v}
 
     def link(self, cursor: str | None = None) -> dict[str, str | int]:
         """Query parameters of a page of this list: the first one, or the one `cursor` starts."""
@@ -122,15 +124,25 @@ def parse_list_query(args: Mapping[str, str], default_limit: int = DEFAULT_LIMIT
         errors["prefix"] = (f"prefix must be the start of an endpoint name: at most {MAX_NAME_LENGTH} lowercase "
                             f"letters, digits or '-'; got {prefix[:40]!r}")
         prefix = ""
+    project = (args.get("project") or "").strip()
+    if project and (len(project) > MAX_NAME_LENGTH or not NAME_RE.match(project)):
+        errors["project"] = f"project must be a project's name (lowercase letters, digits, '-'); got {project[:40]!r}"
+        project = ""
     if errors:
         raise InvalidListQuery(errors)
-    return ListQuery(limit=limit, after=after, status=status, environment=environment, prefix=prefix)
+    return ListQuery(limit=limit, after=after, status=status, environment=environment, prefix=prefix, project=project)
 
 
-def endpoint_page(query: ListQuery) -> Page:
-    """One page of endpoints in name order, with their instances and keys loaded."""
+def endpoint_page(query: ListQuery, project_ids: set[int] | None) -> Page:
+    """One page of endpoints in name order, with their instances and keys loaded, of the
+    projects `project_ids` (None: all; webapp/auth.py `visible_project_ids`)."""
     statement = (select(Endpoint).order_by(Endpoint.name).limit(query.limit + 1)
                  .options(selectinload(Endpoint.instances), selectinload(Endpoint.api_keys)))
+    if project_ids is not None:
+        statement = statement.where(Endpoint.project_id.in_(project_ids))
+    if query.project:
+        statement = statement.where(Endpoint.project_id == select(Project.id).where(Project.name == query.project)
+                                    .scalar_subquery())
     if query.after:
         statement = statement.where(Endpoint.name > query.after)
     if query.status:

@@ -20,6 +20,8 @@ from common.models import ENDPOINT_STATES, MAX_ROW_ID
 from common.spec_fields import BY_NAME, ENVIRONMENTS
 from webapp import MAX_JSON_BODY_BYTES
 from webapp.listing import DEFAULT_LIMIT, MAX_LIMIT
+from webapp import openapi_accounts
+from webapp.auth import PUBLIC, SIGNED_IN, VIEWER, view_level
 from webapp.openapi_schemas import NAME, ref, schemas
 from webapp.request_guard import MAX_URL_LENGTH, MUTATING_METHODS
 from webapp.views_common import ACTIONS, MAX_LOG_LINES
@@ -31,15 +33,18 @@ TAGS = (
     ("keys", "API keys of an endpoint (README.md \"Calling an endpoint\")."),
     ("models", "The model registry: models and their immutable versions."),
     ("hosts", "GPU hosts and their pools (README.md \"Many GPU hosts\")."),
+    ("accounts", "You, your personal tokens, projects with their members and quotas, users, the audit log "
+                 "(README.md \"Accounts and projects\")."),
     ("meta", "This document."),
 )
 # What an error status means on any operation; an operation says more where it can.
 ERRORS = {
     400: "Bad input: `errors` maps each field or parameter to what to change. Also a body that is not "
          "standard JSON, or a Host not in STANDBY_ALLOWED_HOSTS.",
-    403: "Refused as cross-site: a browser said the request comes from another site (Origin, Sec-Fetch-Site). "
-         "curl and scripts send neither header.",
-    404: "Nothing has that name.",
+    401: "No valid credentials: send a personal token as `Authorization: Bearer <token>` (or sign in to the UI).",
+    403: "Your role does not allow it (the message names the role it needs), or refused as cross-site: a browser "
+         "said the request comes from another site (Origin, Sec-Fetch-Site).",
+    404: "Nothing has that name, or it belongs to a project you are no member of.",
     413: f"The body is larger than {MAX_JSON_BODY_BYTES // 1024 // 1024} MiB.",
     414: f"The URL is longer than {MAX_URL_LENGTH} characters: send large values in a JSON body.",
     415: "The body is not application/json (send JSON, or no body).",
@@ -82,16 +87,23 @@ LIST_QUERY = (
     _query("environment", {"type": "string", "enum": list(ENVIRONMENTS)}, "Only endpoints with this environment."),
     _query("prefix", {"type": "string", "maxLength": BY_NAME["name"].max_length, "pattern": "^[a-z0-9-]*$"},
            "Only endpoints whose name starts with this."),
+    _query("project", {"type": "string", "maxLength": 63}, "Only this project's endpoints."),
 )
+CREATE_IN = _query("project", {"type": "string"},
+                   "The project it goes to; left out: the only project where you are a developer, else `default`.")
+QUOTA_REFUSED = ("past the project's endpoint quota: `quota` has the counts (stopped and failed endpoints count; "
+                 "terminate one)")
 
 OPERATIONS: dict[str, Operation] = {
     "api.create_endpoint": Operation(
         "Create an endpoint", "endpoints", {201: ("Created; its workflow started.", ref("Endpoint"))},
-        {409: "A terminated endpoint of this name is still being purged: try again in a few seconds.",
+        {404: "No project of the name ?project= gives, or you are no member of it.",
+         409: "A terminated endpoint of this name is still being purged: try again in a few seconds; or "
+              + QUOTA_REFUSED + ".",
          **TEMPORAL_ERRORS,
          503: "Saved, but Temporal is not reachable: `endpoint` is the saved endpoint, and any later action "
               "starts its workflow."},
-        body={JSON: ref("EndpointSpec")}),
+        query=(CREATE_IN,), body={JSON: ref("EndpointSpec")}),
     "api.list_endpoints": Operation(
         "List endpoints, a page at a time", "endpoints",
         {200: ("A page; `next` is null on the last one.", ref("EndpointPage"))}, query=LIST_QUERY),
@@ -136,7 +148,8 @@ OPERATIONS: dict[str, Operation] = {
         {404: "No such endpoint, or it has no active key with that id."}),
     "registry.api_create_model": Operation(
         "Create a model", "models", {201: ("Created, without versions.", ref("Model"))},
-        body={JSON: ref("NewModel")}),
+        {404: "No project of the name ?project= gives, or you are no member of it."},
+        query=(CREATE_IN,), body={JSON: ref("NewModel")}),
     "registry.api_list_models": Operation("List models", "models", {200: ("With their versions.", ref("ModelList"))}),
     "registry.api_get_model": Operation("Get a model", "models", {200: ("With its versions.", ref("Model"))}),
     "registry.api_create_version": Operation(
@@ -148,13 +161,16 @@ OPERATIONS: dict[str, Operation] = {
         "Create or update an endpoint from a whole spec", "endpoints",
         {200: ("Updated, unchanged, or (with ?dry_run=true) what would be done.", ref("Applied")),
          201: ("Created.", ref("Applied"))},
-        {400: "The spec is invalid: `errors` maps each field to what to change (`action` is refused).",
+        {400: "The spec is invalid: `errors` maps each field to what to change (`action` is refused); or "
+              "?project= names another project than the endpoint's.",
+         404: "No project of the name ?project= gives, or you are no member of it.",
          409: "Restart-class fields changed while instances run (`restart_required` names them: send again with "
-              "?restart=true), the endpoint failed, or a terminated one of this name is still being purged.",
+              "?restart=true), the endpoint failed, a terminated one of this name is still being purged, or "
+              + QUOTA_REFUSED + ".",
          **TEMPORAL_ERRORS,
          503: "Saved, but Temporal is not reachable or the workflow was not told (`warning`, `error` say which)."},
         query=(_flag("dry_run", "Answer what would be done and change nothing"),
-               _flag("restart", "Allow restart-class changes while instances run, restarting them")),
+               _flag("restart", "Allow restart-class changes while instances run, restarting them"), CREATE_IN),
         body={JSON: ref("EndpointSpec")},
         # Its own refusals say what it did (`action` refused) beside the error; the request
         # checks in front of every view (403, 413, 415, bad JSON) answer a plain Error.
@@ -165,6 +181,7 @@ OPERATIONS: dict[str, Operation] = {
         {404: "No such host, or no such operation (drain, undrain).",
          503: "Temporal is not reachable (or refused): nothing was done."}),
     "api.openapi_document": Operation("This document", "meta", {200: ("OpenAPI 3.1.", {"type": "object"})}),
+    **openapi_accounts.operations(Operation, _query, _flag),
 }
 
 ROW_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ROW_ID}
@@ -177,6 +194,7 @@ PATH_PARAMETERS = {
     "key_id": lambda tag: {"schema": ROW_ID, "description": "The key's id."},
     "number": lambda tag: {"schema": ROW_ID, "description": "The version's number."},
     "operation": lambda tag: {"schema": {"type": "string", "enum": ["drain", "undrain"]}},
+    **{name: (lambda tag, p=parameter: p) for name, parameter in openapi_accounts.PATH_PARAMETERS.items()},
 }
 
 DESCRIPTION = f"""The JSON API of a Standby web app (README.md "JSON API").
@@ -187,6 +205,10 @@ included. Request bodies are standard JSON (no NaN or Infinity, nesting at most 
 {MAX_JSON_BODY_BYTES // 1024 // 1024} MiB (archive uploads: STANDBY_MODEL_MAX_ARCHIVE_BYTES).
 Requests that change something carry no body or a JSON body (multipart for archive uploads), else
 415, and a browser's cross-site request is refused with 403.
+
+Every call needs credentials: a personal token as `Authorization: Bearer <token>` (or the UI's
+session); without them 401. What you see and may do follows your role in each project: another
+project's endpoints and models answer 404, as if they did not exist.
 
 Lifecycle actions go through Temporal: while it is unreachable they answer 503 and change nothing,
 except create and change, which save the spec and say so."""
@@ -201,10 +223,12 @@ def _description(view) -> str:
     return " ".join((inspect.getdoc(view) or "").split())
 
 
-def _responses(operation: Operation, method: str, has_path_params: bool) -> dict[str, dict]:
-    statuses = {400, 414} | ({404} if has_path_params else set())
+def _responses(operation: Operation, method: str, has_path_params: bool, level: str | None) -> dict[str, dict]:
+    statuses = {400, 401, 414} | ({404} if has_path_params else set())
     if method.upper() in MUTATING_METHODS:
         statuses |= {403, 415} | ({413} if operation.body and operation.body_limit else set())
+    if level not in (VIEWER, SIGNED_IN, PUBLIC):  # a role the caller may lack (webapp/auth.py)
+        statuses.add(403)
     statuses |= set(operation.errors)
     responses = {str(status): {"description": when, "content": {JSON: {"schema": schema}}}
                  for status, (when, schema) in operation.ok.items()}
@@ -229,7 +253,7 @@ def _operation(app: Flask, endpoint: str, method: str, arguments: list[str]) -> 
         "tags": [operation.tag],
         **({"parameters": parameters + list(operation.query)} if parameters or operation.query else {}),
         **body,
-        "responses": _responses(operation, method, bool(arguments)),
+        "responses": _responses(operation, method, bool(arguments), view_level(app, endpoint)),
     }
 
 
@@ -258,7 +282,9 @@ def build_document(app: Flask) -> dict:
         "servers": [{"url": "/"}],
         "tags": [{"name": name, "description": text} for name, text in TAGS],
         "paths": paths,
-        "components": {"schemas": schemas(request_bounds)},
+        "components": {"schemas": {**schemas(request_bounds), **openapi_accounts.schemas()},
+                       "securitySchemes": openapi_accounts.SECURITY_SCHEMES},
+        "security": openapi_accounts.SECURITY,
     }
 
 

@@ -107,6 +107,7 @@ def _instance() -> dict:
 
 def _endpoint_state() -> dict[str, dict]:
     return {
+        "project": {**NAME, "description": "The project it belongs to (README.md \"Accounts and projects\")."},
         "status": {"type": "string", "enum": list(ENDPOINT_STATES)},
         "status_reason": {"type": "string"},
         "queue_position": {"type": ["integer", "null"], "minimum": 1},
@@ -140,6 +141,7 @@ def _error() -> dict:
         "code": {"type": "integer", "description": "1007: at max instances (as the proxy's route rules say)."},
         "msg": {"type": "string"},
         "endpoint": {**ref("Endpoint"), "description": "The endpoint as saved, when it was saved nevertheless."},
+        "quota": {**ref("EndpointQuota"), "description": "A create past the project's endpoint quota: the counts."},
         **_update_outcome(),
     }, required=("error", "errors"), description="Every error under /api/ (README.md \"JSON API\").")
 
@@ -200,7 +202,7 @@ def _applied() -> dict:
                      "description": "The endpoint after the apply (before, on a dry run); null before it exists."},
         **_update_outcome(),
         "error": {"type": "string"}, "errors": {"type": "object", "additionalProperties": {"type": "string"}},
-        "code": {"type": "integer"},
+        "code": {"type": "integer"}, "quota": ref("EndpointQuota"),
     }, required=("action", "dry_run", "endpoint", "changes", "restart_required", "saved", "restarted"),
         description="What /apply did (README.md \"Spec files\"); a refusal also carries `error` and `errors`.")
 
@@ -214,7 +216,7 @@ def _registry() -> dict[str, dict]:
         "resolved_commit": {"type": "string", "description": "Recorded when an instance first clones it."},
     }, required=("model", "number", "id", "kind", "created_at"),
         description="An immutable version: an uploaded archive, or a git URL + ref.")
-    model = obj({"name": NAME, "description": {"type": "string"}, "created_at": TIMESTAMP,
+    model = obj({"name": NAME, "description": {"type": "string"}, "project": NAME, "created_at": TIMESTAMP,
                  "latest_version": {"type": ["integer", "null"]}, "versions": array(ref("ModelVersion"))})
     return {
         "Model": model, "ModelVersion": version, "ModelList": obj({"models": array(ref("Model"))}),

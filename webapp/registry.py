@@ -10,20 +10,23 @@ import secrets
 import shutil
 from pathlib import Path
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, has_request_context, redirect, render_template, request, url_for
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
-from wtforms import StringField, TextAreaField
+from wtforms import SelectField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length
 
 from common.archives import ArchiveError, archive_kind, copy_limited, human_size, inspect_archive
 from common.git_source import git_ref_error, git_url_error
-from common.models import Model, ModelVersion
+from common.models import DEFAULT_PROJECT_ID, Model, ModelVersion
+from webapp import audit
+from webapp.auth import DEVELOPER, SIGNED_IN, VIEWER, access, projects_where, require_role, visible_project_ids
 from webapp.extensions import db, settings
+from webapp.projects import creation_project
 from webapp.request_guard import allows_upload
 from webapp.views_common import iso
 
@@ -55,9 +58,13 @@ def model_name_error(name: str) -> str | None:
 
 
 def get_model(name: str) -> Model:
+    """The model the URL names, if the user may see it (another project's is a 404) and holds the
+    view's role in its project (webapp/auth.py)."""
     model = db.session.scalar(select(Model).where(Model.name == name))
+    not_found = f"no model named {name!r}"
     if model is None:
-        abort(404, description=f"no model named {name!r}")
+        abort(404, description=not_found)
+    require_role(model.project_id, not_found)
     return model
 
 
@@ -69,20 +76,22 @@ def get_version(model: Model, number: int) -> ModelVersion:
     return version
 
 
-def create_model(name: str, description: str) -> Model:
+def create_model(name: str, description: str, project_id: int = DEFAULT_PROJECT_ID) -> Model:
     name = (name or "").strip()
     error = model_name_error(name)
     if error is None and db.session.scalar(select(Model.id).where(Model.name == name)) is not None:
         error = f"a model named {name!r} already exists; choose another name or add a version to it"
     if error:
         raise RegistryError({"name": error})
-    model = Model(name=name, description=(description or "").strip())
+    model = Model(name=name, description=(description or "").strip(), project_id=project_id)
     db.session.add(model)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise RegistryError({"name": f"a model named {name!r} already exists"}) from None
+    if has_request_context():
+        audit.record("model.create", project=project_id, target=name)
     return model
 
 
@@ -95,6 +104,10 @@ def _add_version(model: Model, **fields) -> ModelVersion:
         db.session.add(version)
         try:
             db.session.commit()
+            if has_request_context():
+                audit.record("model.version", project=model.project_id, target=f"{model.name} v{number}",
+                             detail={"kind": fields.get("kind"), "git_url": fields.get("git_url", ""),
+                                     "git_ref": fields.get("git_ref", "")})
             return version
         except IntegrityError:
             db.session.rollback()
@@ -170,7 +183,9 @@ def version_json(version: ModelVersion, model_name: str) -> dict:
 
 
 def model_json(model: Model, with_versions: bool = True) -> dict:
-    body = {"name": model.name, "description": model.description,
+    from webapp.views_common import project_name
+
+    body = {"name": model.name, "description": model.description, "project": project_name(model.project_id),
             "created_at": iso(model.created_at),
             "latest_version": model.versions[-1].number if model.versions else None}
     if with_versions:
@@ -179,9 +194,12 @@ def model_json(model: Model, with_versions: bool = True) -> dict:
 
 
 def version_choices() -> list[tuple[int, str]]:
-    """(ModelVersion.id, label) for the endpoint form's "model version" select."""
-    rows = db.session.execute(select(ModelVersion, Model.name).join(Model)
-                              .order_by(Model.name, ModelVersion.number.desc())).all()
+    """(ModelVersion.id, label) for the endpoint form's "model version" select: the versions of the
+    user's projects."""
+    statement = select(ModelVersion, Model.name).join(Model).order_by(Model.name, ModelVersion.number.desc())
+    if (ids := visible_project_ids()) is not None:
+        statement = statement.where(Model.project_id.in_(ids))
+    rows = db.session.execute(statement).all()
     return [(v.id, f"{name} v{v.number} ({v.git_ref if v.kind == 'git' else 'archive'})") for v, name in rows]
 
 
@@ -221,10 +239,22 @@ def _too_large(exc):
 # ---- UI ---------------------------------------------------------------------------------------
 
 
+def _visible_models() -> list[Model]:
+    statement = select(Model).order_by(Model.name)
+    if (ids := visible_project_ids()) is not None:
+        statement = statement.where(Model.project_id.in_(ids))
+    return list(db.session.scalars(statement))
+
+
 class ModelForm(FlaskForm):
     name = StringField("Name", validators=[DataRequired(), Length(max=63)],
                        description="Lowercase letters, digits and '-'; used in version references.")
     description = TextAreaField("Description", validators=[Length(max=2000)])
+    project = SelectField("Project", validate_choice=False, description="Its members see and use the model.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.project.choices = [(p.name, p.name) for p in projects_where(DEVELOPER)]
 
 
 class ArchiveVersionForm(FlaskForm):
@@ -247,19 +277,22 @@ def _form_errors(form: FlaskForm, errors: dict[str, str]) -> None:
 
 
 @bp.get("/models")
+@access(SIGNED_IN)
 def list_models():
-    """Every model with its versions."""
-    models = db.session.scalars(select(Model).order_by(Model.name)).all()
+    """The models of your projects, with their versions."""
+    models = _visible_models()
     return render_template("registry/models.html", models=models)
 
 
 @bp.route("/models/new", methods=["GET", "POST"])
+@access(DEVELOPER)
 def new_model():
     """Create a model (its versions are added on its page)."""
     form = ModelForm()
     if form.validate_on_submit():
+        project = creation_project(form.project.data or None)
         try:
-            model = create_model(form.name.data, form.description.data)
+            model = create_model(form.name.data, form.description.data, project.id)
         except RegistryError as exc:
             _form_errors(form, exc.errors)
         else:
@@ -276,12 +309,14 @@ def _render_model(model: Model, archive_form=None, git_form=None, status: int = 
 
 
 @bp.get("/models/<name>")
+@access(VIEWER)
 def show_model(name: str):
     """A model's versions, with forms to add one."""
     return _render_model(get_model(name))
 
 
 @bp.post("/models/<name>/versions/upload")
+@access(DEVELOPER)
 def upload_version(name: str):
     """Add a version from an uploaded archive."""
     model = get_model(name)
@@ -298,6 +333,7 @@ def upload_version(name: str):
 
 
 @bp.post("/models/<name>/versions/git")
+@access(DEVELOPER)
 def register_git_version(name: str):
     """Add a version that points at a git URL + ref."""
     model = get_model(name)
@@ -321,26 +357,31 @@ def _api_error(status: int, message: str, errors: dict | None = None):
 
 
 @bp.post("/api/v1/models")
+@access(DEVELOPER)
 def api_create_model():
-    """Create a model: {"name", "description"}."""
+    """Create a model: {"name", "description"}, in the project ?project= names (by default the only
+    project where you are a developer, else `default`)."""
+    project = creation_project(request.args.get("project"))
     body = request.get_json(force=True) if request.get_data(cache=True) else None
     if not isinstance(body, dict):
         return _api_error(400, "send a JSON object: {\"name\": ..., \"description\": ...}")
     try:
-        model = create_model(str(body.get("name") or ""), str(body.get("description") or ""))
+        model = create_model(str(body.get("name") or ""), str(body.get("description") or ""), project.id)
     except RegistryError as exc:
         return _api_error(400, "invalid model", exc.errors)
     return model_json(model), 201
 
 
 @bp.get("/api/v1/models")
+@access(SIGNED_IN)
 def api_list_models():
-    """All models with their versions."""
-    models = db.session.scalars(select(Model).order_by(Model.name)).all()
+    """The models of your projects, with their versions."""
+    models = _visible_models()
     return {"models": [model_json(m) for m in models]}
 
 
 @bp.get("/api/v1/models/<name>")
+@access(VIEWER)
 def api_get_model(name: str):
     """One model with its versions."""
     return model_json(get_model(name))
@@ -348,6 +389,7 @@ def api_get_model(name: str):
 
 @bp.post("/api/v1/models/<name>/versions")
 @allows_upload
+@access(DEVELOPER)
 def api_create_version(name: str):
     """Add a version: multipart with an `archive` file, or JSON {"git_url", "git_ref"}."""
     model = get_model(name)
@@ -368,6 +410,7 @@ def api_create_version(name: str):
 
 
 @bp.get("/api/v1/models/<name>/versions/<int:number>")
+@access(VIEWER)
 def api_get_version(name: str, number: int):
     """One version."""
     model = get_model(name)

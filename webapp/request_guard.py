@@ -3,9 +3,11 @@ for state-changing JSON API calls, that it is not a cross-site request a browser
 
 A page on any site can make a visitor's browser POST a form (`application/x-www-form-urlencoded`,
 `multipart/form-data`, `text/plain`) or a `fetch(..., {mode: "no-cors"})` without a body to any
-URL, and the browser sends it without asking our server first. The JSON API has no cookies to
-steal, but it acts on what it is sent (stop, terminate, create keys), and Standby listens on
-loopback where such a page can reach it. So a mutating API request must
+URL, and the browser sends it without asking our server first. The JSON API acts on what it is
+sent (stop, terminate, create keys), it takes the UI's session cookie as well as tokens (the
+pages poll it; webapp/auth.py; the cookie is `SameSite=Lax`, so browsers leave it off another
+site's POSTs anyway), and Standby listens on loopback where such a page can reach it. So a
+mutating API request must
 
 - carry no body, or a JSON body (`Content-Type: application/json`, which a cross-site page can
   only send after a CORS preflight that we never approve), or multipart where a view accepts an

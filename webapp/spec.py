@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 from common.config import Settings, load_settings
 from common.models import TERMINATED, Endpoint
+from common.secrets import box_for, is_sealed
 from common.spec_fields import (  # noqa: F401 (DEFAULTS, SPEC_FIELDS: re-exported for the API)
     BOOL,
     BY_NAME,
@@ -280,8 +281,10 @@ def spec_of(endpoint: Endpoint) -> dict[str, Any]:
     return {name: getattr(endpoint, name) for name in SPEC_FIELDS}
 
 
-def _clean_env(value: Any, previous: list[dict]) -> list[dict]:
-    """Validate env entries; a secret entry without a value keeps the previously stored one."""
+def _clean_env(value: Any, previous: list[dict], box=None) -> list[dict]:
+    """Validate env entries; a secret entry without a value keeps the previously stored one. With
+    `box` (common/secrets.py), secret values come out sealed: a value equal to the stored one
+    keeps the stored seal (so sending the same spec again changes nothing), another is sealed."""
     items = _list(value)
     stored = {item["key"]: item.get("value", "") for item in previous or [] if item.get("secret")}
     clean, seen = [], set()
@@ -315,6 +318,12 @@ def _clean_env(value: Any, previous: list[dict]) -> list[dict]:
             raise _Invalid(f"{key}: value must be text, got {type(raw).__name__}")
         if "\x00" in raw or len(raw) > ENV_VALUE_MAX:
             raise _Invalid(f"{key}: value must be at most {ENV_VALUE_MAX} characters, without NUL")
+        if secret and box is not None and raw:
+            kept = stored.get(key)
+            if kept and (raw == kept or box.matches(kept, raw)):
+                raw = kept if is_sealed(kept) else box.seal(kept)  # the same value (or its stored seal)
+            else:
+                raw = box.seal(raw)
         clean.append({"key": key, "value": raw, "secret": secret})
     return clean
 
@@ -409,7 +418,7 @@ def validate_spec(
         clean["pools"] = [settings.pool]  # the installation's default pool (STANDBY_POOL)
     try:
         env_source = previous_env if previous_env is not None else (existing.env if existing else [])
-        clean["env"] = _clean_env(merged.get("env"), env_source)
+        clean["env"] = _clean_env(merged.get("env"), env_source, box_for(settings) if settings is not None else None)
     except _Invalid as exc:
         errors["env"] = f"env: {exc}"
 

@@ -8,13 +8,16 @@ from sqlalchemy.exc import IntegrityError
 from common.models import ENDPOINT_STATES, FAILED, TERMINATED, ApiKey, Endpoint
 from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from common.routes import normalize_routes
-from webapp import api_keys
+from common.account_models import role_at_least
+from webapp import api_keys, audit
 from webapp.api_docs import code_spans, reference
 from webapp.drafts import drop_draft, load_draft, save_draft
+from webapp.auth import DEVELOPER, SIGNED_IN, VIEWER, access, role_in, visible_project_ids
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
 from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
 from webapp.openapi import document
+from webapp.projects import QuotaExceeded, creation_project, endpoint_usage, foreign_version_error, my_projects, quota_json
 from webapp.routes_view import model_version_label, param_summary, route_examples
 from common.spec_fields import ENVIRONMENTS, SPEC
 from webapp.spec import spec_of, validate_spec
@@ -28,6 +31,7 @@ from webapp.views_common import (
     iso,
     perform_action,
     previous_still_finishing,
+    project_name,
     recent_events,
 )
 from workflows.contracts import ERR_REPLICA_QUOTA
@@ -88,6 +92,8 @@ def _validate(form: EndpointForm, existing: Endpoint | None, previous_env=None):
         data, existing=existing, inventory=gpu_inventory(), settings=settings(),
         session=db.session, previous_env=previous_env,
     )
+    if "model_version_id" not in errors and (problem := foreign_version_error(clean.get("model_version_id"))):
+        errors["model_version_id"] = problem
     errors = {**errors, **form_errors}
     return _normalized(clean), errors
 
@@ -99,38 +105,44 @@ def _temporal_message(exc: WorkflowActionError) -> str:
 
 
 @bp.get("/")
+@access(SIGNED_IN)
 def index():
     """Home: the endpoint list."""
     return redirect(url_for("ui.list_endpoints"))
 
 
 @bp.get("/endpoints")
+@access(SIGNED_IN)
 def list_endpoints():
     """One page of endpoints with live status badges, a filter form and a link to the next page."""
     try:
         query = parse_list_query(request.args, default_limit=UI_DEFAULT_LIMIT)
     except InvalidListQuery as exc:
         return _endpoint_list(Page(), ListQuery(limit=UI_DEFAULT_LIMIT), exc.errors), 400
-    return _endpoint_list(endpoint_page(query), query, {})
+    return _endpoint_list(endpoint_page(query, visible_project_ids()), query, {})
 
 
 def _endpoint_list(page: Page, query: ListQuery, problems: dict[str, str]):
     return render_template("endpoints.html", page=page, query=query, problems=problems, args=request.args,
-                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT)
+                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT,
+                           projects=my_projects(), quota=quota_json, project_name=project_name)
 
 
 @bp.get("/docs/api")
+@access(SIGNED_IN)
 def api_docs():
     """The JSON API's reference, rendered from its OpenAPI document (works without JavaScript)."""
     return render_template("api_docs.html", docs=reference(document(current_app)))
 
 
 @bp.route("/endpoints/new", methods=["GET", "POST"])
+@access(DEVELOPER)
 def new_endpoint():
     """Create form; a valid submit shows the review page, nothing is created yet."""
     form = EndpointForm()
     if request.method == "GET":
         return render_template("form.html", form=form, editing=None, general=[])
+    project = creation_project(form.project.data or None)
     draft = load_draft(settings().data_dir, form.draft.data)
     clean, errors = _validate(form, None, previous_env=(draft or {}).get("env"))
     if errors:
@@ -138,21 +150,26 @@ def new_endpoint():
         return render_template("form.html", form=form, editing=None, general=general), 400
     if draft is not None:
         drop_draft(settings().data_dir, form.draft.data)
-    token = save_draft(settings().data_dir, clean)
-    return _review(clean, token)
+    token = save_draft(settings().data_dir, {**clean, DRAFT_PROJECT: project.name})
+    return _review(clean, token, project=project)
 
 
-def _review(spec: dict, token: str, problem: str | None = None):
+# The project a new endpoint goes to, kept in its draft beside the spec.
+DRAFT_PROJECT = "_project"
+
+
+def _review(spec: dict, token: str, problem: str | None = None, project=None):
     # formdata=None: the request being answered carries its own (empty) draft field, which
     # would otherwise win over the token and leave the Create button without its draft.
     confirm = ConfirmForm(formdata=None, draft=token)
     from webapp.hosts import placement_forecast
 
     return render_template("review.html", spec=spec, confirm=confirm, draft=token, problem=problem,
-                           forecast=placement_forecast(spec))
+                           project=project, forecast=placement_forecast(spec))
 
 
 @bp.post("/endpoints/new/back")
+@access(DEVELOPER)
 def back_to_form():
     """From the review page back to the prefilled form (secrets stay on the server)."""
     confirm = ConfirmForm()
@@ -161,12 +178,14 @@ def back_to_form():
         flash("That draft has expired; please fill the form again.", "error")
         return redirect(url_for("ui.new_endpoint"))
     form = EndpointForm(formdata=None)
+    form.project.data = draft.pop(DRAFT_PROJECT, None)
     form.fill_from_spec(draft)
     form.draft.data = confirm.draft.data
     return render_template("form.html", form=form, editing=None, general=[])
 
 
 @bp.post("/endpoints/new/confirm")
+@access(DEVELOPER)
 def confirm_endpoint():
     """Create the reviewed endpoint and start its workflow."""
     confirm = ConfirmForm()
@@ -175,25 +194,34 @@ def confirm_endpoint():
     if draft is None:
         flash("That draft has expired; please fill the form again.", "error")
         return redirect(url_for("ui.new_endpoint"))
-    # Checked again: another endpoint may have taken the name, or a GPU check changed.
+    # Checked again: another endpoint may have taken the name, or a GPU check changed, or the
+    # user's role in the project.
+    project = creation_project(draft.pop(DRAFT_PROJECT, None))
     clean, errors = validate_spec(
         draft, existing=None, inventory=gpu_inventory(), settings=settings(), session=db.session, previous_env=draft["env"]
     )
+    if "model_version_id" not in errors and (problem := foreign_version_error(clean.get("model_version_id"))):
+        errors["model_version_id"] = problem
     clean = _normalized(clean)
     if errors:
         form = EndpointForm(formdata=None)
+        form.project.data = project.name
         form.fill_from_spec(draft)
         form.draft.data = token
         general = form.apply_spec_errors(errors)
         return render_template("form.html", form=form, editing=None, general=general), 400
+    if refusal := endpoint_usage(project).refusal(project.name):
+        return _review(clean, token, problem=refusal, project=project), 409
     try:
         blocker = previous_still_finishing(clean["name"])
     except (TemporalUnavailable, WorkflowActionError) as exc:
         blocker = str(exc)
     if blocker:
-        return _review(clean, token, problem=blocker), 409
+        return _review(clean, token, problem=blocker, project=project), 409
     try:
-        endpoint = create_endpoint_row(clean)
+        endpoint = create_endpoint_row(clean, project)
+    except QuotaExceeded as exc:
+        return _review(clean, token, problem=str(exc), project=project), 409
     except IntegrityError:
         db.session.rollback()
         flash(f"The name {clean['name']} is taken by another endpoint; choose another name.", "error")
@@ -211,8 +239,13 @@ def confirm_endpoint():
 def _detail_context(endpoint: Endpoint) -> dict:
     keys = api_keys.active_keys(db.session, endpoint)
     url = endpoint_url(endpoint)
+    role = role_in(endpoint.project_id)
     return {
         "endpoint": endpoint,
+        "project": project_name(endpoint.project_id),
+        "role": role,
+        "can_change": role_at_least(role, DEVELOPER),
+        "audit_entries": audit.entries(endpoint=endpoint, limit=50),
         "events": recent_events(endpoint, limit=100),
         "url": url,
         "keys": keys,
@@ -226,18 +259,21 @@ def _detail_context(endpoint: Endpoint) -> dict:
 
 
 @bp.get("/endpoints/<name>")
+@access(VIEWER)
 def show_endpoint(name: str):
     """Detail page: status, instances, events, connect panel, logs, keys."""
     return render_template("detail.html", **_detail_context(get_endpoint(name)))
 
 
 @bp.get("/endpoints/<name>/panel")
+@access(VIEWER)
 def endpoint_panel(name: str):
     """The live part of the detail page (status, instances, events), polled by the page."""
     return render_template("_panel.html", **_detail_context(get_endpoint(name)))
 
 
 @bp.route("/endpoints/<name>/edit", methods=["GET", "POST"])
+@access(DEVELOPER)
 def edit_endpoint(name: str):
     """Edit the mutable spec fields; the workflow is told with a spec_changed signal."""
     endpoint = get_endpoint(name)
@@ -264,6 +300,7 @@ def edit_endpoint(name: str):
 
 
 @bp.post("/endpoints/<name>/edit/confirm")
+@access(DEVELOPER)
 def confirm_edit(name: str):
     """Save the reviewed restart-class changes and restart the instances."""
     endpoint = get_endpoint(name)
@@ -293,6 +330,7 @@ def _after_update(endpoint: Endpoint, outcome):
 
 
 @bp.post("/endpoints/<name>/action/<action>")
+@access(DEVELOPER)
 def endpoint_action(name: str, action: str):
     """stop, restart, wake, scale-out buttons."""
     endpoint = get_endpoint(name)
@@ -320,6 +358,7 @@ def endpoint_action(name: str, action: str):
 
 
 @bp.route("/endpoints/<name>/terminate", methods=["GET", "POST"])
+@access(DEVELOPER)
 def terminate_endpoint(name: str):
     """Confirmation step: type the name to terminate (purges everything now)."""
     endpoint = get_endpoint(name)
@@ -342,6 +381,7 @@ def terminate_endpoint(name: str):
 
 
 @bp.post("/endpoints/<name>/keys")
+@access(DEVELOPER)
 def create_key(name: str):
     """Create an API key and show it once (rendered, never stored in the session)."""
     endpoint = get_endpoint(name)
@@ -352,10 +392,12 @@ def create_key(name: str):
         return redirect(url_for("ui.show_endpoint", name=name))
     row, plaintext = api_keys.create_key(db.session, endpoint, key_name)
     db.session.commit()
+    audit.record("key.create", endpoint=endpoint, target=f"{row.prefix}… {key_name}".strip())
     return render_template("key_created.html", endpoint=endpoint, key=row, plaintext=plaintext, url=endpoint_url(endpoint))
 
 
 @bp.post("/endpoints/<name>/keys/<int:key_id>/revoke")
+@access(DEVELOPER)
 def revoke_key(name: str, key_id: int):
     """Revoke a key."""
     endpoint = get_endpoint(name)
@@ -366,5 +408,6 @@ def revoke_key(name: str, key_id: int):
     else:
         api_keys.revoke_key(db.session, key)
         db.session.commit()
+        audit.record("key.revoke", endpoint=endpoint, target=f"{key.prefix}… {key.name}".strip())
         flash(f"Key {key.prefix}… revoked.", "ok")
     return redirect(url_for("ui.show_endpoint", name=name))

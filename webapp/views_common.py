@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import abort
+from flask import abort, g
 from sqlalchemy import select
 
 from common.models import (
@@ -19,8 +19,11 @@ from common.models import (
     Event,
     Instance,
 )
+from common.account_models import Project
+from webapp import audit
+from webapp.auth import require_role
 from webapp.extensions import bridge, db, settings
-from common.temporal_bridge import TemporalUnavailable, WorkflowActionError
+from common.temporal_bridge import TIMEOUT, TemporalUnavailable, WorkflowActionError
 from webapp.spec import SPEC_FIELDS
 from workflows.contracts import (
     SIGNAL_RESTART,
@@ -40,11 +43,25 @@ SECRET_MASK = "••••"
 MAX_LOG_LINES = 5000
 
 
-def get_endpoint(name: str) -> Endpoint:
+def get_endpoint(name: str, level: str | None = None) -> Endpoint:
+    """The endpoint the URL names, if the user may see it: another project's is a 404, as if it
+    did not exist; a member whose role is below `level` (default: the view's declared one) gets a
+    403 (webapp/auth.py)."""
     endpoint = db.session.scalar(select(Endpoint).where(Endpoint.name == name))
+    not_found = f"no endpoint named {name!r}"
     if endpoint is None:
-        abort(404, description=f"no endpoint named {name!r}")
+        abort(404, description=not_found)
+    require_role(endpoint.project_id, not_found, level)
     return endpoint
+
+
+def project_name(project_id: int) -> str:
+    """A project's name, looked up once per request."""
+    names = g.setdefault("project_names", {})
+    if project_id not in names:
+        project = db.session.get(Project, project_id)
+        names[project_id] = project.name if project is not None else ""
+    return names[project_id]
 
 
 def iso(value: datetime | None) -> str | None:
@@ -90,6 +107,7 @@ def endpoint_json(endpoint: Endpoint, with_instances: bool = True) -> dict:
     body: dict[str, Any] = {field: getattr(endpoint, field) for field in SPEC_FIELDS}
     body["env"] = public_env(endpoint.env)
     body.update(
+        project=project_name(endpoint.project_id),
         status=endpoint.status,
         status_reason=endpoint.status_reason,
         queue_position=endpoint.queue_position,
@@ -150,18 +168,29 @@ def perform_action(endpoint: Endpoint, action: str, wait: bool = False, timeout:
     """
     request_id = uuid.uuid4().hex
     timeout = timeout if timeout is not None else _update_timeout(endpoint)
-    if action == "scale-out":
-        result = bridge().update(endpoint.name, UPDATE_SCALE_OUT, ScaleOutRequest(request_id=request_id), timeout)
-        return {"instance_id": _field(result, "instance_id"), "address": _field(result, "address")}
-    if action == "wake" and wait:
-        result = bridge().update(endpoint.name, UPDATE_WAKE, WakeRequest(request_id=request_id), timeout)
-        return {
-            "instance_id": _field(result, "instance_id"),
-            "address": _field(result, "address"),
-            "cold_start": _field(result, "cold_start"),
-        }
-    bridge().signal(endpoint.name, _SIGNALS[action], ActionRequest(reason=f"{action} requested from the web app", request_id=request_id))
-    return {"accepted": True, "request_id": request_id}
+    try:
+        if action == "scale-out":
+            result = bridge().update(endpoint.name, UPDATE_SCALE_OUT, ScaleOutRequest(request_id=request_id), timeout)
+            answer = {"instance_id": _field(result, "instance_id"), "address": _field(result, "address")}
+        elif action == "wake" and wait:
+            result = bridge().update(endpoint.name, UPDATE_WAKE, WakeRequest(request_id=request_id), timeout)
+            answer = {
+                "instance_id": _field(result, "instance_id"),
+                "address": _field(result, "address"),
+                "cold_start": _field(result, "cold_start"),
+            }
+        else:
+            bridge().signal(endpoint.name, _SIGNALS[action],
+                            ActionRequest(reason=f"{action} requested from the web app", request_id=request_id))
+            answer = {"accepted": True, "request_id": request_id}
+    except WorkflowActionError as exc:
+        if exc.type == TIMEOUT:  # accepted by the workflow, still under way
+            audit.record(f"endpoint.{action}", endpoint=endpoint, detail={"request_id": request_id,
+                                                                         "outcome": "accepted, not done in time"})
+        raise
+    audit.record(f"endpoint.{action}", endpoint=endpoint, detail={"request_id": request_id, **(
+        {"instance_id": answer["instance_id"]} if answer.get("instance_id") else {})})
+    return answer
 
 
 def _field(result: Any, name: str) -> Any:
@@ -233,15 +262,26 @@ def previous_still_finishing(name: str) -> str | None:
     return None
 
 
-def create_endpoint_row(clean: dict) -> Endpoint:
-    """Insert the endpoint; a terminated row with the same name is a tombstone and is replaced."""
+def create_endpoint_row(clean: dict, project: Project) -> Endpoint:
+    """Insert the endpoint in `project`; a terminated row with the same name is a tombstone and is
+    replaced. Raises QuotaExceeded (and keeps nothing) when concurrent creates went past the
+    project's quota (webapp/projects.py `over_quota_after_insert`)."""
+    from webapp.projects import QuotaExceeded, over_quota_after_insert
+    from webapp.spec import changes
+
     tombstone = db.session.scalar(select(Endpoint).where(Endpoint.name == clean["name"]))
     if tombstone is not None:
         db.session.delete(tombstone)
         db.session.flush()
-    endpoint = Endpoint(**clean)
+    endpoint = Endpoint(**clean, project_id=project.id)
     db.session.add(endpoint)
     db.session.commit()
+    refusal = over_quota_after_insert(endpoint)
+    if refusal:
+        db.session.delete(endpoint)
+        db.session.commit()
+        raise QuotaExceeded(refusal)
+    audit.record("endpoint.create", endpoint=endpoint, detail={"changes": changes(None, clean)})
     return endpoint
 
 
@@ -308,6 +348,7 @@ def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False, dry_run
         return outcome
     changed = update_endpoint_row(endpoint, clean)
     outcome.saved = True
+    audit.record("endpoint.update", endpoint=endpoint, detail={"changes": outcome.changes})
     try:
         notify_spec_changed(endpoint, changed)
         if restart_fields and running:

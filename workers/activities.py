@@ -22,11 +22,13 @@ from temporalio.exceptions import ApplicationError
 
 from common.config import Settings
 from common.db import Database
+from common.account_models import Project
 from common.models import (
     I_FAILED,
     I_QUEUED,
     I_READY,
     I_STOPPED,
+    INSTANCE_LIVE_STATES,
     TERMINATED,
     Endpoint,
     Event,
@@ -34,6 +36,7 @@ from common.models import (
     Instance,
 )
 from common.routes import RUNTIME_HEALTH_PATH
+from common.secrets import SecretsKeyError, box_for, reveal_env
 from common.spec_fields import LIFECYCLE, read_by
 from workers.backends.base import Backend, LaunchRefused, LaunchSpec
 from workflows.activity_types import (
@@ -50,6 +53,7 @@ from workflows.activity_types import (
     LivenessInput,
     LivenessResult,
     LoadSpecInput,
+    ProjectGpuQuotasInput,
     PurgeInput,
     QueuePositionsInput,
     StartInstanceInput,
@@ -115,7 +119,7 @@ class StandbyActivities:
         return [
             self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
             self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
-            self.purge_endpoint, self.hosts_last_seen, self.record_host_state,
+            self.purge_endpoint, self.hosts_last_seen, self.record_host_state, self.project_gpu_quotas,
         ]
 
     def host_bound(self) -> list:
@@ -151,6 +155,7 @@ class StandbyActivities:
                 purge_after_seconds=s.purge_after_seconds, stop_grace_seconds=s.stop_grace_seconds,
                 drain_grace_seconds=s.proxy_refresh_seconds + URGENT_REPORT_ALLOWANCE_SECONDS,
                 continue_as_new_events=s.continue_as_new_events,
+                project=session.get(Project, e.project_id).name,
             )
 
     @activity.defn
@@ -280,7 +285,11 @@ class StandbyActivities:
 
         with self.db.session() as session:
             e = self._endpoint(session, inp.endpoint)
-            env = {item["key"]: item.get("value") or "" for item in (e.env or [])}
+            # The one place a sealed secret is opened: for the instance's environment (common/secrets.py).
+            try:
+                env = reveal_env(e.env, box_for(self.settings))
+            except SecretsKeyError as err:
+                raise ApplicationError(str(err), type="SecretsKeyError", non_retryable=True) from None
             source_kind, source_dir = e.source_kind, e.source_dir
             start_command, image, port = e.start_command, e.image, e.port
             cpu, mem, disk = e.cpu_cores, e.memory_gb, e.disk_gb
@@ -389,6 +398,8 @@ class StandbyActivities:
                 if inst is None:
                     continue
                 inst.queue_position = pos.position
+                if pos.reason is not None:
+                    inst.reason = pos.reason
                 touched.add(inst.endpoint_id)
             session.flush()
             for endpoint_id in touched:
@@ -403,6 +414,22 @@ class StandbyActivities:
         with self.db.session() as session:
             rows = session.execute(select(Host.name, Host.last_heartbeat_at).where(Host.name.in_(inp.names))).all()
         return {name: _as_utc(seen).timestamp() for name, seen in rows if seen is not None}
+
+    @activity.defn
+    def project_gpu_quotas(self, inp: ProjectGpuQuotasInput) -> dict[str, list]:
+        """{project: [its GPU quota (None: no limit), GPUs its live instances hold in other pools]}
+        for the pool's placement (workflows/placement.py `grantable`)."""
+        with self.db.session() as session:
+            projects = {p.id: p for p in session.scalars(select(Project).where(Project.name.in_(inp.projects)))}
+            elsewhere = {p.name: 0 for p in projects.values()}
+            rows = session.execute(
+                select(Endpoint.project_id, Instance.gpus).join(Endpoint, Endpoint.id == Instance.endpoint_id)
+                .join(Host, Host.name == Instance.host)
+                .where(Endpoint.project_id.in_(projects), Instance.status.in_(INSTANCE_LIVE_STATES),
+                       Host.pool != inp.pool)).all()
+            for project_id, gpus in rows:
+                elsewhere[projects[project_id].name] += len(gpus or [])
+            return {p.name: [p.max_gpus, elsewhere[p.name]] for p in projects.values()}
 
     @activity.defn
     def record_host_state(self, rec: HostStateRecord) -> None:

@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="host-side HOST:PORT to accept connections on")
     parser.add_argument("--port", type=int, help="the port the server listens on inside")
     parser.add_argument("--mode", choices=MODES, default="net")
+    parser.add_argument("--uid", type=int, help="run the command as this uid (and group), with no other groups "
+                                                "(README.md \"Instance isolation\")")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.check:
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _ignore)
     # Handlers (unlike SIG_IGN) are reset by exec, so the server gets default dispositions.
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    identity = {"user": args.uid, "group": args.uid, "extra_groups": []} if args.uid is not None else {}
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, **identity)
     threading.Thread(target=_open_when_listening, args=(listener, args.port, child), daemon=True).start()
     while True:
         try:

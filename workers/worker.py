@@ -35,9 +35,19 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
                      client: Client | None = None) -> None:
     from workers.backends import make_backend
 
+    from workers.isolation import harden_data_dir
+
     client = client or await connect(settings)
     db = Database(settings.database_url)
+    harden_data_dir(settings)  # before the first instance starts (README.md "Instance isolation")
     backend = make_backend(settings)
+    isolation = getattr(backend, "isolation", None)
+    if isolation is not None:
+        if isolation.uids is not None:
+            log.info("instances run as uids %d-%d of their own", isolation.uids.start, isolation.uids.stop - 1)
+        else:
+            log.warning("instances run as the worker's own user: %s (README.md \"Instance isolation\")",
+                        isolation.reason)
     reap(settings, db, backend)
     if settings.backend == "process":
         # Checked once per process: now, not on the first fixed-port start a client waits for.

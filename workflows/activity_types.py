@@ -29,6 +29,8 @@ def _lifecycle_spec_fields() -> list:
         ("exists", bool, field(default=True)),
         # A fixed-port command on the process backend: only hosts with network namespaces take it.
         ("needs_netns", bool, field(default=False)),
+        # Its project (common/account_models.py): its pool applies the project's GPU quota.
+        ("project", str, field(default="")),
     ]
     return [("name", str)] + spec_fields + platform
 
@@ -176,6 +178,15 @@ class QueuePosition:
     endpoint: str
     instance_id: str
     position: int | None  # None once granted / withdrawn
+    # Why it waits (its project's GPU quota), written on the instance's row; "" clears it, None
+    # leaves the row's reason as it is.
+    reason: str | None = None
+
+
+@dataclass
+class ProjectGpuQuotasInput:
+    pool: str
+    projects: list[str] = field(default_factory=list)
 
 
 @dataclass

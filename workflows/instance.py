@@ -318,7 +318,7 @@ class InstanceWorkflow:
         self._notify()
         request = PlacementRequest(workflow.info().workflow_id, inp.endpoint, inp.instance_id, spec.gpu_type,
                                    spec.gpu_count, spec.cpu_cores, spec.memory_gb, spec.disk_gb, spec.needs_netns,
-                                   workflow.now().timestamp())
+                                   workflow.now().timestamp(), spec.project)
         told = False
         while self.placement is None and self.release_reason is None and self.lost is None:
             if not told:

@@ -68,6 +68,8 @@ class PlacementRequest:
     disk_gb: float = 0.0
     needs_netns: bool = False
     at: float = 0.0
+    # The endpoint's project: its GPU quota bounds what its instances hold at once.
+    project: str = ""
 
 
 @dataclass
@@ -85,6 +87,16 @@ class Placement:
     memory_gb: float = 0.0
     disk_gb: float = 0.0
     requester_workflow_id: str = ""
+    project: str = ""
+
+
+@dataclass
+class ProjectGpuQuota:
+    """A project's GPU quota as its pool applies it: at most `limit` GPUs held at once, of which
+    `held_elsewhere` are held in other pools now (README.md "Accounts and projects")."""
+
+    limit: int
+    held_elsewhere: int = 0
 
 
 @dataclass
@@ -192,23 +204,39 @@ def choose_host(state: PoolState, req: PlacementRequest, free: dict[str, Free] |
     info = state.hosts[name].info
     kind = gpu_type_on(info, req.gpu_type) if req.gpu_count > 0 else ""
     return Placement(req.instance_id, req.endpoint, name, info.task_queue, info.address, kind or "", gpus,
-                     req.cpu_cores, req.memory_gb, req.disk_gb, req.requester_workflow_id)
+                     req.cpu_cores, req.memory_gb, req.disk_gb, req.requester_workflow_id, req.project)
 
 
-def grantable(state: PoolState) -> list[Placement]:
+def project_gpus(state: PoolState, project: str) -> int:
+    """GPUs the project's instances hold in this pool."""
+    return sum(len(g.gpus) for g in state.grants.values() if g.project == project)
+
+
+def grantable(state: PoolState, quotas: dict[str, ProjectGpuQuota] | None = None) -> list[Placement]:
     """Requests that can be placed now, in FIFO order per class; the state is not changed. A
-    request that cannot be placed blocks the later ones of its class (no overtaking)."""
+    request that cannot be placed blocks the later ones of its class (no overtaking). A GPU
+    request past its project's quota waits without blocking other projects' requests, but blocks
+    its own project's later ones."""
+    quotas = quotas or {}
+    held = {project: project_gpus(state, project) + quota.held_elsewhere for project, quota in quotas.items()}
     free, per_endpoint = _indexed(state)
     blocked: set[str] = set()
+    over_quota: set[str] = set()
     out = []
     for req in state.queue:
         kind = request_class(req)
         if kind in blocked:
             continue
+        quota = quotas.get(req.project) if req.gpu_count > 0 else None
+        if quota is not None and (req.project in over_quota or held[req.project] + req.gpu_count > quota.limit):
+            over_quota.add(req.project)
+            continue
         placement = choose_host(state, req, free, per_endpoint)
         if placement is None:
             blocked.add(kind)
             continue
+        if quota is not None:
+            held[req.project] += len(placement.gpus)
         out.append(placement)
         room = free[placement.host]
         if placement.gpus:
@@ -217,6 +245,24 @@ def grantable(state: PoolState) -> list[Placement]:
         room.memory_gb -= placement.memory_gb
         room.disk_gb -= placement.disk_gb
     return out
+
+
+def gpu_quota_waits(state: PoolState, quotas: dict[str, ProjectGpuQuota]) -> dict[str, str]:
+    """Why each waiting GPU request past its project's quota waits, by instance id (the queue
+    says so: the instance's row and the pool's `queue` query)."""
+    held = {project: project_gpus(state, project) + quota.held_elsewhere for project, quota in quotas.items()}
+    waits: dict[str, str] = {}
+    over_quota: set[str] = set()
+    for req in state.queue:
+        quota = quotas.get(req.project) if req.gpu_count > 0 else None
+        if quota is None:
+            continue
+        if req.project in over_quota or held[req.project] + req.gpu_count > quota.limit:
+            over_quota.add(req.project)
+            waits[req.instance_id] = (f"project {req.project} holds {held[req.project]} of its {quota.limit} GPUs "
+                                      f"(its GPU quota) and this instance needs {req.gpu_count}: it waits until the "
+                                      "project's other instances release some")
+    return waits
 
 
 def queue_positions(queue: list[PlacementRequest]) -> dict[str, int]:

@@ -23,8 +23,14 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from workflows import placement as pl
-    from workflows.activity_types import HostStateRecord, HostsSeenInput, QueuePosition, QueuePositionsInput
-    from workflows.placement import HostInfo, HostState, Placement, PlacementRequest, PoolState
+    from workflows.activity_types import (
+        HostStateRecord,
+        HostsSeenInput,
+        ProjectGpuQuotasInput,
+        QueuePosition,
+        QueuePositionsInput,
+    )
+    from workflows.placement import HostInfo, HostState, Placement, PlacementRequest, PoolState, ProjectGpuQuota
 
 SIGNAL_HOST_UP = "host_up"
 SIGNAL_REQUEST = "request"
@@ -33,6 +39,8 @@ SIGNAL_DRAIN = "drain_host"
 SIGNAL_UNDRAIN = "undrain_host"
 SIGNAL_POLICY = "set_policy"
 QUERY_QUEUE = "queue"
+# workflow.patched id: GPU quotas per project (histories from before them read no quota).
+PATCH_PROJECT_GPU_QUOTAS = "project-gpu-quotas"
 # Sent to instance workflows.
 SIGNAL_PLACED = "placed"
 SIGNAL_HOST_LOST = "host_lost"
@@ -99,6 +107,8 @@ class QueueEntry:
     kind: str  # the GPU type, or "cpu"
     gpu_count: int
     position: int
+    # Why it waits beyond its turn, e.g. its project's GPU quota.
+    reason: str = ""
 
 
 @dataclass
@@ -127,6 +137,9 @@ class PoolWorkflow:
         self._resend: list[Placement] = []
         # Waiting requests told that no host of the pool is up (told once each).
         self._told_unplaceable: set[str] = set()
+        # Requests waiting for their project's GPU quota, and why; the reasons last written.
+        self._quota_waits: dict[str, str] = {}
+        self._published_reasons: dict[str, str] = {}
 
     @workflow.run
     async def run(self, inp: PoolInput) -> None:
@@ -175,8 +188,21 @@ class PoolWorkflow:
                                           HostLost(g.instance_id, name, f"host {name} is down ({reason})"))
                                for g in lost])
 
+    async def _project_gpu_quotas(self) -> dict[str, ProjectGpuQuota]:
+        """The GPU quotas of the projects with GPU requests waiting here, read fresh each round (a
+        site admin may change one at any time), with what they hold in other pools."""
+        projects = sorted({r.project for r in self.state.queue if r.project and r.gpu_count > 0})
+        if not projects or not workflow.patched(PATCH_PROJECT_GPU_QUOTAS):
+            return {}
+        found: dict = await workflow.execute_local_activity(
+            "project_gpu_quotas", ProjectGpuQuotasInput(self.state.pool, projects), result_type=dict, **LOCAL)
+        return {name: ProjectGpuQuota(limit=int(limit), held_elsewhere=int(elsewhere))
+                for name, (limit, elsewhere) in found.items() if limit is not None}
+
     async def _place_waiting(self) -> None:
-        placed = pl.grantable(self.state)
+        quotas = await self._project_gpu_quotas()
+        placed = pl.grantable(self.state, quotas)
+        self._quota_waits = pl.gpu_quota_waits(self.state, quotas) if quotas else {}
         if not placed:
             return
         granted = {p.instance_id for p in placed}
@@ -207,11 +233,20 @@ class PoolWorkflow:
 
     async def _publish(self) -> None:
         positions = pl.queue_positions(self.state.queue)
-        changes = [QueuePosition(endpoint=r.endpoint, instance_id=r.instance_id, position=positions[r.instance_id])
-                   for r in self.state.queue if self.state.published.get(r.instance_id) != positions[r.instance_id]]
+        waits = {iid: reason for iid, reason in self._quota_waits.items() if iid in positions}
+
+        def reason_change(iid: str) -> str | None:  # None: unchanged, not written
+            now = waits.get(iid, "")
+            return now if now != self._published_reasons.get(iid, "") else None
+
+        changes = [QueuePosition(endpoint=r.endpoint, instance_id=r.instance_id, position=positions[r.instance_id],
+                                 reason=reason_change(r.instance_id))
+                   for r in self.state.queue if self.state.published.get(r.instance_id) != positions[r.instance_id]
+                   or reason_change(r.instance_id) is not None]
         changes += [QueuePosition(endpoint="", instance_id=iid, position=None)
                     for iid in self.state.published if iid not in positions]
         self.state.published = positions
+        self._published_reasons = waits
         if changes:
             await workflow.execute_local_activity("record_queue_positions", QueuePositionsInput(changes), **LOCAL)
         records = [HostStateRecord(name, h.state, h.reason) for name, h in self.state.hosts.items()
@@ -282,6 +317,6 @@ class PoolWorkflow:
                 info.cpu_cores * info.cpu_overcommit, free.cpu_cores, info.memory_gb * info.memory_overcommit,
                 free.memory_gb, info.disk_gb * info.disk_overcommit, free.disk_gb,
                 sorted(g.instance_id for g in self.state.grants.values() if g.host == name)))
-        queue = [QueueEntry(r.endpoint, r.instance_id, pl.request_class(r), r.gpu_count, positions[r.instance_id])
-                 for r in self.state.queue]
+        queue = [QueueEntry(r.endpoint, r.instance_id, pl.request_class(r), r.gpu_count, positions[r.instance_id],
+                            self._quota_waits.get(r.instance_id, "")) for r in self.state.queue]
         return PoolView(self.state.pool, self.state.policy, hosts, queue)

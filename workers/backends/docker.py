@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import re
 import shlex
 import socket
@@ -86,6 +87,7 @@ class DockerBackend:
         workdir = Path(spec.workdir)
         if not workdir.is_dir():
             raise ValueError(f"workdir {str(workdir)!r} does not exist; prepare it before launching")
+        _readable_by_any_user(workdir)
         self._ensure_image(spec.image)
         networking = self.networking()
         with self._lock_for(instance_id):
@@ -262,8 +264,12 @@ class DockerBackend:
                 LABEL_PORT: str(port),
                 LABEL_DATA_DIR: str(self.settings.data_dir),
             },
+            # Its own working directory only, never the data dir; no privileges, and none to gain
+            # through setuid binaries (README.md "Instance isolation").
             volumes={str(Path(spec.workdir).resolve()): {"bind": WORKSPACE, "mode": "rw"}},
             working_dir=WORKSPACE,
+            privileged=False,
+            security_opt=["no-new-privileges:true"],
             device_requests=device_requests,
             nano_cpus=int(spec.cpu_cores * 1e9) if spec.cpu_cores else None,
             mem_limit=f"{max(_MIN_MEMORY_MB, int(spec.memory_gb * 1024))}m" if spec.memory_gb else None,
@@ -408,3 +414,14 @@ def _free_on_loopback(port: int) -> bool:
                 return False
             raise
     return True
+
+
+def _readable_by_any_user(workdir: Path) -> None:
+    """The mounted working directory readable by whatever user the image runs as (the worker
+    writes it with umask 077; the container sees this directory and nothing around it)."""
+    for root, dirs, files in os.walk(workdir):
+        os.chmod(root, 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o444)

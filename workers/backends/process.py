@@ -19,7 +19,9 @@ its `disk_gb`, saying so.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,10 +41,17 @@ from workers.ports import (
     substitute_port,
     uses_port_placeholder,
 )
+from workers import isolation
 from workers.workdir import check_instance_id, state_path_for, stopped_state_path_for
 
 # Worker configuration (database URL, secret key, Temporal address) is none of an instance's
 # business: user code must not be able to read it from its environment.
+log = logging.getLogger("worker")
+# An instance that runs as a uid of its own joins its cgroups as root, then becomes that uid:
+# a process cannot always move itself into a cgroup once it is not root (README.md "Resources
+# are enforced").
+SETPRIV = shutil.which("setpriv") or ""
+
 _INTERNAL_ENV_PREFIXES = ("STANDBY_", "TEMPORAL_", "FLASK_")
 _INTERNAL_ENV_NAMES = {"DATABASE_URL", "SECRET_KEY", "CUDA_VISIBLE_DEVICES", "PORT"}
 MARKER_ENV = "STANDBY_INSTANCE_STATE"
@@ -159,6 +168,8 @@ class ProcessBackend:
         self._ports = PortAllocator(bind=settings.instance_bind)
         self._cgroups_made: Cgroups | None = None
         self._last_disk_check = 0.0
+        # Whether instances run as uids of their own (workers/isolation.py), decided once.
+        self.isolation = isolation.decide(settings)
 
     @property
     def cgroups(self) -> Cgroups | None:
@@ -183,6 +194,8 @@ class ProcessBackend:
             # A retried provision after a worker crash: never leave two processes per instance.
             self._stop_locked(instance_id, self.settings.stop_grace_seconds)
             host_port = self._allocate_port()
+            uid, base_env = self._identity(instance_id, workdir)
+            user = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
             if uses_port_placeholder(spec.start_command):
                 inner_port, mode = host_port, None
                 command = substitute_port(spec.start_command, host_port)
@@ -192,20 +205,33 @@ class ProcessBackend:
                 if mode is None:
                     raise LaunchRefused(fixed_port_refusal(spec.port))
                 command = spec.start_command
+                # The relay makes the namespace as root, then starts the command as the instance's uid.
                 argv = [sys.executable, str(RELAY_SCRIPT), "--listen", f"{self.settings.instance_bind}:{host_port}",
-                        "--port", str(inner_port), "--mode", mode, "--", "/bin/sh", "-c", command]
+                        "--port", str(inner_port), "--mode", mode,
+                        *(["--uid", str(uid)] if uid is not None else []), "--", "/bin/sh", "-c", command]
+                user = {}
             cgroups = self.cgroups
             procs = cgroups.create(instance_id, spec.cpu_cores, spec.memory_gb) if cgroups else []
+            if procs and user and not SETPRIV:
+                log.warning("instance %s runs without cgroup limits: setpriv (util-linux) is not installed, "
+                            "so its first process cannot join them as root and then become uid %s", instance_id, uid)
+                cgroups.kill_and_remove(instance_id)
+                procs = []
             if procs:  # the first process joins the cgroup, then execs: all it starts is inside
+                if user:  # it joins as root, then becomes the instance's uid (see isolation above)
+                    argv = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
+                    user = {}
                 argv = ["/bin/sh", "-c", join_command(procs) + 'exec "$0" "$@"', *argv]
             state_path = state_path_for(self.settings, instance_id)
-            env = instance_environment(dict(os.environ), spec, inner_port, str(state_path))
+            env = instance_environment({**os.environ, **base_env}, spec, inner_port, str(state_path))
             log_path = Path(spec.log_path)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             where = (f"port {inner_port} in its own network namespace ({mode}), reached at host port {host_port}"
                      if mode else f"port {host_port}")
+            who = (f"as uid {uid}" if uid is not None else
+                   f"as the worker's user ({self.isolation.reason}; README.md \"Instance isolation\")")
             with open(log_path, "ab") as log:
-                log.write(f"[standby] {_now()} starting instance {instance_id} on {where}: {command}\n".encode())
+                log.write(f"[standby] {_now()} starting instance {instance_id} on {where} {who}: {command}\n".encode())
                 log.flush()
                 child = subprocess.Popen(
                     argv,
@@ -216,6 +242,7 @@ class ProcessBackend:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    **user,
                 )
             proc = _read_proc(child.pid)
             self._children[instance_id] = child
@@ -232,6 +259,7 @@ class ProcessBackend:
                 "address": f"{self.settings.advertise_address}:{host_port}",
                 "log_path": str(log_path),
                 "workdir": str(workdir),
+                "uid": uid,
                 "command": command,
                 "cgroup": bool(procs),
                 "disk_gb": spec.disk_gb,
@@ -368,6 +396,25 @@ class ProcessBackend:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _identity(self, instance_id: str, workdir: Path) -> tuple[int | None, dict[str, str]]:
+        """The uid a new instance runs as (None: the worker's user), with its directory given to
+        it and the environment that goes with it: HOME and TMPDIR of its own."""
+        instance_dir = workdir.parent
+        if self.isolation.uids is None or instance_dir.parent != self.settings.instances_dir:
+            return None, {}
+        with self._guard:
+            taken = set()
+            for path in self.settings.instances_dir.glob("*.json"):
+                state = _load_json(path)
+                if state and not state.get("stopped") and state.get("uid") is not None and path.stem != instance_id:
+                    taken.add(int(state["uid"]))
+            uid = self.isolation.uid_for(instance_id, taken)
+        home, tmp = instance_dir / "home", instance_dir / "tmp"
+        home.mkdir(exist_ok=True)
+        tmp.mkdir(exist_ok=True)
+        isolation.give(instance_dir, uid)
+        return uid, {"HOME": str(home), "TMPDIR": str(tmp)}
+
     def _lock_for(self, instance_id: str) -> threading.Lock:
         with self._guard:
             return self._instance_locks.setdefault(instance_id, threading.Lock())
@@ -410,6 +457,10 @@ class ProcessBackend:
         exit_code = self._reap(instance_id)
         if state is not None and state.get("cgroup") and self.cgroups is not None:
             self.cgroups.kill_and_remove(instance_id)  # what left the process groups still dies
+        if state is not None and state.get("uid") is not None and state.get("workdir"):
+            instance_dir = Path(state["workdir"]).parent
+            if instance_dir.parent == self.settings.instances_dir:
+                isolation.take_back(instance_dir)
         if state is not None and not state.get("stopped"):
             state.update(stopped=True, stopped_at=time.time(), exit_code=exit_code)
             self._write_state(instance_id, state)
