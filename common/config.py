@@ -5,6 +5,7 @@ names, rename none.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -124,6 +125,16 @@ class Settings:
     # Whether model code may come from file:// URLs and local paths (tests, a single machine);
     # off by default: a registered path would read any repository on the worker's disk.
     allow_file_git: bool = False
+    # Cost (README.md "Cost"): prices per hour, "T4=0.35,A100=2.93,cpu=0.05" (per GPU of a type,
+    # and per CPU-only instance), and the currency they are in.
+    prices: str = ""
+    currency: str = "USD"
+
+    @functools.cached_property
+    def price_list(self):
+        from common.cost import parse_prices
+
+        return parse_prices(self.prices, self.currency)
 
     @property
     def temporal_target(self) -> str:
@@ -211,4 +222,14 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
         allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
+        prices=_prices(env),
+        currency=env.get("STANDBY_CURRENCY") or "USD",
     )
+
+
+def _prices(env: dict) -> str:
+    from common.cost import parse_prices
+
+    raw = env.get("STANDBY_PRICES", "")
+    parse_prices(raw)  # a mistake is said at start, naming the variable
+    return raw

@@ -106,6 +106,9 @@ class Instance(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # Billed: GPU count x (stopped_at - ready_at). Queued time is never billed.
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # Its price per hour, fixed when it became ready (common/cost.py): cost = price x (stopped -
+    # ready), growing while it runs. Null: it never became ready (nothing billed).
+    price_per_hour: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     endpoint: Mapped[Endpoint] = relationship(back_populates="instances")
 

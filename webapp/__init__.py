@@ -119,7 +119,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, hosts, registry, request_guard, ui
+    from webapp import api, hosts, prometheus, registry, request_guard, ui
 
     request_guard.install(app, api_error)
 
@@ -130,6 +130,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(hosts.ui_bp)
     app.register_blueprint(hosts.api_bp)
     csrf.exempt(hosts.api_bp)
+    app.register_blueprint(prometheus.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

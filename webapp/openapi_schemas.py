@@ -100,6 +100,12 @@ def _instance() -> dict:
         "gpus": array({"type": "integer"}), "gpu_type": {"type": "string"},
         "created_at": TIMESTAMP, "started_at": TIMESTAMP, "ready_at": TIMESTAMP, "stopped_at": TIMESTAMP,
         "gpu_seconds": {"type": "number", "minimum": 0, "description": "Billed: GPU count x (stopped - ready)."},
+        "price_per_hour": {"type": ["number", "null"], "minimum": 0,
+                           "description": "Its price per hour, fixed when it became ready; null: never ready."},
+        "billed_seconds": {"type": "number", "minimum": 0,
+                           "description": "Ready -> stopped (now while it runs); queued and starting time is never "
+                                          "billed."},
+        "cost": {"type": "number", "minimum": 0, "description": "price_per_hour x billed_seconds / 3600."},
         "queue_position": {**count, "description": "Place in the GPU queue while queued."},
         "reason": {"type": "string", "description": "What the readiness probe last saw, or why it failed."},
     })
@@ -115,7 +121,14 @@ def _endpoint_state() -> dict[str, dict]:
         "purge_at": {**TIMESTAMP, "description": "When a stopped endpoint is purged."},
         "workflow_id": {"type": "string", "description": "endpoint-<name>, for the Temporal CLI."},
         "has_api_keys": {"type": "boolean"},
-        "usage": obj({"gpu_seconds": {"type": "number", "minimum": 0}}),
+        "usage": obj({
+            "gpu_seconds": {"type": "number", "minimum": 0},
+            "billed_seconds": {"type": "number", "minimum": 0, "description": "Ready -> stopped of every instance."},
+            "cost": {"type": "number", "minimum": 0, "description": "Running total of its instances' cost."},
+            "cost_this_month": {"type": "number", "minimum": 0, "description": "The part billed this month (UTC)."},
+            "currency": {"type": "string"},
+            "running": {"type": "boolean", "description": "An instance is billed now: the cost grows."},
+        }, description="What it cost (README.md \"Cost\"): billed from ready to stopped, never queued or starting."),
         "instances": array(ref("Instance")),
     }
 

@@ -1,6 +1,8 @@
 """Server-rendered UI: endpoint list, create (form -> review -> confirm), detail, edit, actions, keys."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy.exc import IntegrityError
@@ -25,10 +27,12 @@ from webapp.views_common import (
     create_endpoint_row,
     endpoint_url,
     get_endpoint,
+    instance_json,
     iso,
     perform_action,
     previous_still_finishing,
     recent_events,
+    usage_json,
 )
 from workflows.contracts import ERR_REPLICA_QUOTA
 
@@ -36,6 +40,21 @@ bp = Blueprint("ui", __name__)
 UI_ACTIONS = ("stop", "restart", "wake", "scale-out")
 # The UI does not hold a page for a whole cold start: scale-out keeps going in the workflow.
 UI_UPDATE_WAIT_SECONDS = 15.0
+
+
+@bp.app_template_filter("money")
+def money_filter(value) -> str:
+    """A cost as the pages show it: 4 decimals below 1 (a few seconds of a GPU), else 2."""
+    amount = float(value or 0.0)
+    return f"{amount:,.4f}" if amount < 1 else f"{amount:,.2f}"
+
+
+@bp.app_template_filter("duration")
+def duration_filter(seconds) -> str:
+    seconds = int(seconds or 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
 @bp.app_template_filter("when")
@@ -115,8 +134,10 @@ def list_endpoints():
 
 
 def _endpoint_list(page: Page, query: ListQuery, problems: dict[str, str]):
+    now = datetime.now(timezone.utc)
     return render_template("endpoints.html", page=page, query=query, problems=problems, args=request.args,
-                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT)
+                           statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT,
+                           usage_of=lambda endpoint: usage_json(endpoint, now))
 
 
 @bp.get("/docs/api")
@@ -206,6 +227,7 @@ def confirm_endpoint():
 
 
 def _detail_context(endpoint: Endpoint) -> dict:
+    now = datetime.now(timezone.utc)
     keys = api_keys.active_keys(db.session, endpoint)
     url = endpoint_url(endpoint)
     return {
@@ -218,7 +240,9 @@ def _detail_context(endpoint: Endpoint) -> dict:
         "can_terminate": endpoint.status != TERMINATED,
         "action_form": ActionForm(),
         "key_form": ApiKeyForm(),
-        "usage": sum(i.gpu_seconds or 0.0 for i in endpoint.instances),
+        "usage": usage_json(endpoint, now),
+        "instance_usage": {i.id: instance_json(i, now) for i in endpoint.instances},
+        "prices_configured": settings().price_list.configured,
     }
 
 
