@@ -191,6 +191,9 @@ class StandbyActivities:
                 value = getattr(rec, name)
                 if value is not None:
                     setattr(inst, name, _ts(value))
+            if rec.ready_at is not None and inst.price_per_hour is None:
+                # Billed from now on at today's price (common/cost.py): GPUs as granted.
+                inst.price_per_hour = self.settings.price_list.per_hour(inst.gpu_type, len(inst.gpus or []))
             if rec.status != I_QUEUED:
                 inst.queue_position = None
             if rec.status in (I_STOPPED, I_FAILED):
