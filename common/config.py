@@ -129,6 +129,14 @@ class Settings:
     # and per CPU-only instance), and the currency they are in.
     prices: str = ""
     currency: str = "USD"
+    # Metrics (README.md "Metrics"): the charts' store in the app database (common/metrics_store.py),
+    # how often each process writes to it, how long its rows are kept; how often a worker samples
+    # its instances' CPU, memory and GPU use; where a worker serves its Prometheus /metrics.
+    metrics_step_seconds: float = 10.0
+    metrics_raw_retention_seconds: float = 7200.0
+    metrics_retention_seconds: float = 8 * 24 * 3600.0
+    usage_sample_seconds: float = 10.0
+    worker_metrics_port: int = 9464
 
     @functools.cached_property
     def price_list(self):
@@ -223,6 +231,11 @@ def load_settings(env: dict | None = None) -> Settings:
         allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
         prices=_prices(env),
+        metrics_step_seconds=_float(env, "STANDBY_METRICS_STEP_SECONDS", 10.0),
+        metrics_raw_retention_seconds=_float(env, "STANDBY_METRICS_RAW_RETENTION_SECONDS", 7200.0),
+        metrics_retention_seconds=_float(env, "STANDBY_METRICS_RETENTION_SECONDS", 8 * 24 * 3600.0),
+        usage_sample_seconds=_float(env, "STANDBY_USAGE_SAMPLE_SECONDS", 10.0),
+        worker_metrics_port=_int(env, "STANDBY_WORKER_METRICS_PORT", 9464),
         currency=env.get("STANDBY_CURRENCY") or "USD",
     )
 

@@ -32,6 +32,39 @@ IN_FLIGHT = Gauge(
 REJECTED = Counter(
     "standby_proxy_rejected_total", "503 answers (overload, hold timeout, not serving)", ["endpoint", "reason"]
 )
+QUEUE_WAIT = Histogram(
+    "standby_proxy_queue_wait_seconds",
+    "Time from request arrival until an instance was chosen (held for a cold start or capacity included)",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+COLD_START_REQUESTS = Counter(
+    "standby_proxy_cold_start_requests_total", "Requests that waited for an instance to start", ["endpoint"]
+)
+
+
+class TrafficRecorder:
+    """The charts' request figures (common/metrics_store.py), aggregated in memory per endpoint and
+    per instance; a background greenlet takes them once per step and writes them. A request only
+    adds to two aggregates here: no I/O, no lock (one gevent process)."""
+
+    def __init__(self) -> None:
+        from common.metrics_store import TrafficAgg
+
+        self._new = TrafficAgg
+        self.open: dict[tuple[str, str], object] = {}
+
+    def observe(self, endpoint: str, instance_id: str, status: int, seconds: float, wait: float,
+                cold_start: bool) -> None:
+        for key in ((endpoint, ""), (endpoint, instance_id)) if instance_id else ((endpoint, ""),):
+            agg = self.open.get(key)
+            if agg is None:
+                agg = self.open[key] = self._new()
+            agg.observe(status, seconds, wait, cold_start)
+
+    def take(self) -> dict:
+        taken, self.open = self.open, {}
+        return taken
 
 
 class Metrics:
@@ -41,8 +74,13 @@ class Metrics:
         self._requests: dict[tuple[str, str], object] = {}
         self._latency: dict[str, object] = {}
         self._in_flight: dict[str, object] = {}
+        self._wait: dict[str, object] = {}
+        self.recorder = TrafficRecorder()
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, seconds: float, instance_id: str = "", wait: float = 0.0,
+                cold_start: bool = False) -> None:
+        """One answered request: `seconds` from arrival to the response headers, `wait` of them
+        spent before an instance was chosen (forwarded requests only)."""
         code_class = f"{status // 100}xx"
         key = (endpoint, code_class)
         counter = self._requests.get(key)
@@ -53,6 +91,14 @@ class Metrics:
         if hist is None:
             hist = self._latency[endpoint] = LATENCY.labels(endpoint)
         hist.observe(seconds)
+        if instance_id:
+            waited = self._wait.get(endpoint)
+            if waited is None:
+                waited = self._wait[endpoint] = QUEUE_WAIT.labels(endpoint)
+            waited.observe(wait)
+            if cold_start:
+                COLD_START_REQUESTS.labels(endpoint).inc()
+        self.recorder.observe(endpoint, instance_id, status, seconds, wait, cold_start)
 
     def in_flight(self, endpoint: str, delta: int) -> None:
         gauge = self._in_flight.get(endpoint)

@@ -130,6 +130,10 @@ def test_real_answers_match_the_document(app, doc):
     call("GET", logs, 200, name="tts", query="?lines=5")
     call("GET", logs, 400, name="tts", query="?lines=0")
     call("GET", logs, 404, name="tts", query="?instance=zz")
+    metrics = "/api/v1/endpoints/{name}/metrics"
+    assert len(call("GET", metrics, 200, name="tts")["t"]) == 60
+    assert call("GET", metrics, 200, name="tts", query="?range=7d")["step_seconds"] == 3600
+    call("GET", metrics, 400, name="tts", query="?range=1y")
     with app.app_context():
         db.session.scalar(select(Endpoint).where(Endpoint.name == "tts")).status = STOPPED
         db.session.commit()

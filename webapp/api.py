@@ -274,6 +274,24 @@ def logs(name: str):
     return {"lines": endpoint_logs(endpoint, instance_id, count)}
 
 
+@bp.get("/endpoints/<name>/metrics")
+def endpoint_metrics(name: str):
+    """Request rate, latency p50/p95/p99, error rate, instances over time with their cold starts,
+    and CPU, memory and GPU use per instance (?range=1h|24h|7d), for charts."""
+    import time
+
+    from common.metrics_store import RANGES
+    from webapp.charts import DEFAULT_RANGE
+    from webapp.charts import endpoint_metrics as metrics_of
+
+    endpoint = get_endpoint(name)
+    range_name = request.args.get("range") or DEFAULT_RANGE
+    if range_name not in RANGES:
+        problem = f"range must be one of {', '.join(RANGES)}, got {range_name[:20]!r}"
+        return error(400, problem, {"range": problem})
+    return metrics_of(db.session, endpoint, range_name, time.time())
+
+
 @bp.post("/endpoints/<name>/keys")
 def create_key(name: str):
     """Create an API key; the key itself is in this answer only."""

@@ -19,6 +19,7 @@ from flask import Flask
 from common.models import ENDPOINT_STATES, MAX_ROW_ID
 from common.spec_fields import BY_NAME, ENVIRONMENTS
 from webapp import MAX_JSON_BODY_BYTES
+from common.metrics_store import RANGES
 from webapp.listing import DEFAULT_LIMIT, MAX_LIMIT
 from webapp.openapi_schemas import NAME, ref, schemas
 from webapp.request_guard import MAX_URL_LENGTH, MUTATING_METHODS
@@ -126,6 +127,11 @@ OPERATIONS: dict[str, Operation] = {
         query=(_query("instance", {"type": "string"}, "One instance's lines only."),
                _query("lines", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LINES, "default": 200},
                       "How many lines, at most."))),
+    "api.endpoint_metrics": Operation(
+        "An endpoint's metrics over a range", "endpoints", {200: ("One value per point, oldest first.",
+                                                                   ref("EndpointMetrics"))},
+        query=(_query("range", {"type": "string", "enum": list(RANGES), "default": "1h"},
+                      "1h (a point a minute), 24h (5 minutes), 7d (an hour)."),)),
     "api.create_key": Operation(
         "Create an API key", "keys", {201: ("The key, shown this once.", ref("NewApiKey"))},
         {409: "The endpoint is terminated."}, body={JSON: ref("ApiKeyRequest")}, body_required=False),

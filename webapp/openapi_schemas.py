@@ -240,6 +240,28 @@ def _registry() -> dict[str, dict]:
     }
 
 
+def _metrics() -> dict:
+    number = {"type": ["number", "null"]}
+    series = array(number)
+    usage = obj({name: series for name in ("cpu", "memory", "gpu", "gpu_memory")})
+    return obj({
+        "range": {"type": "string"}, "step_seconds": {"type": "integer", "minimum": 1},
+        "ranges": array({"type": "string"}),
+        "t": {**array({"type": "integer"}), "description": "Each point's start, unix seconds."},
+        "requests": array({"type": "integer", "minimum": 0}),
+        "requests_per_second": array({"type": "number", "minimum": 0}),
+        "error_rate_percent": {**series, "description": "5xx answers, % of requests; null without requests."},
+        "latency_ms": obj({"p50": series, "p95": series, "p99": series}),
+        "queue_wait_ms": obj({"p95": series}),
+        "cold_start_requests": array({"type": "integer", "minimum": 0}),
+        "instances": {**array({"type": "integer", "minimum": 0}), "description": "Instances serving in each point."},
+        "cold_starts": array(obj({"at": {"type": "number"}, "instance_id": {"type": "string"},
+                                  "seconds": number})),
+        "usage": {"type": "object", "additionalProperties": usage,
+                  "description": "Instance id -> CPU, memory, GPU and GPU memory %, one per point."},
+    }, description="The endpoint page's charts (README.md \"Metrics\").")
+
+
 def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
     """Every schema of the document; `request_bounds` narrows request fields (see spec_field_schema)."""
     key = {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 64}, "prefix": {"type": "string"},
@@ -273,6 +295,7 @@ def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
         "Event": obj({"at": TIMESTAMP, "kind": {"type": "string"}, "instance_id": {"type": ["string", "null"]},
                       "message": {"type": "string"}}),
         "EventList": obj({"events": array(ref("Event"))}),
+        "EndpointMetrics": _metrics(),
         "LogLines": obj({"lines": array(obj({"instance_id": {"type": "string"}, "line": {"type": "string"}}))}),
         "ActionAccepted": obj({"action": {"type": "string", "enum": list(ACTIONS)}, "accepted": {"const": True},
                                "request_id": {"type": "string"}}),

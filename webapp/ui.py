@@ -57,6 +57,24 @@ def duration_filter(seconds) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+@bp.app_template_filter("clock")
+def clock_filter(unix_seconds) -> str:
+    """A point's start in the tables: UTC, to the minute (the day too when not today)."""
+    at = datetime.fromtimestamp(float(unix_seconds), tz=timezone.utc)
+    today = datetime.now(timezone.utc).date() == at.date()
+    return at.strftime("%H:%M:%S UTC" if today else "%Y-%m-%d %H:%M UTC")
+
+
+@bp.app_template_filter("ms")
+def ms_filter(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+@bp.app_template_filter("pct")
+def pct_filter(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 @bp.app_template_filter("when")
 def when_filter(value) -> str:
     text = iso(value)
@@ -248,8 +266,20 @@ def _detail_context(endpoint: Endpoint) -> dict:
 
 @bp.get("/endpoints/<name>")
 def show_endpoint(name: str):
-    """Detail page: status, instances, events, connect panel, logs, keys."""
-    return render_template("detail.html", **_detail_context(get_endpoint(name)))
+    """Detail page: status, instances, events, metrics (?range=1h|24h|7d), connect panel, logs, keys."""
+    import time
+
+    from common.metrics_store import RANGES
+    from webapp.charts import DEFAULT_RANGE, endpoint_metrics, table_rows, usage_rows
+
+    endpoint = get_endpoint(name)
+    range_name = request.args.get("range") or DEFAULT_RANGE
+    if range_name not in RANGES:
+        flash(f"range must be one of {', '.join(RANGES)}; showing {DEFAULT_RANGE}.", "error")
+        range_name = DEFAULT_RANGE
+    metrics = endpoint_metrics(db.session, endpoint, range_name, time.time())
+    return render_template("detail.html", metrics=metrics, metric_rows=table_rows(metrics),
+                           usage_rows=usage_rows(metrics), **_detail_context(endpoint))
 
 
 @bp.get("/endpoints/<name>/panel")

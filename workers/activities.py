@@ -32,6 +32,7 @@ from common.models import (
     Event,
     Host,
     Instance,
+    MetricPoint,
 )
 from common.routes import RUNTIME_HEALTH_PATH
 from common.spec_fields import LIFECYCLE, read_by
@@ -264,6 +265,7 @@ class StandbyActivities:
         ready_at = time.time() if result.ready else None
         reason = result.reason
         if result.ready:
+            _observe_start(inp.endpoint, ready_at - launched["started_at"])
             self.record_instance(InstanceRecord(
                 inp.endpoint, inp.instance_id, "ready", ready_at=ready_at, reason="", event_kind="instance_ready",
                 event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']} "
@@ -416,6 +418,7 @@ class StandbyActivities:
                 remove_instance_files(self.settings, iid)
             session.execute(delete(Instance).where(Instance.endpoint_id == e.id))
             session.execute(delete(Event).where(Event.endpoint_id == e.id))
+            session.execute(delete(MetricPoint).where(MetricPoint.endpoint_id == e.id))
             # Keep a tombstone so the UI can say what happened; secrets go with the rest.
             e.env = [{"key": item["key"], "value": "", "secret": bool(item.get("secret"))} for item in (e.env or [])]
             e.status = TERMINATED
@@ -423,6 +426,20 @@ class StandbyActivities:
             e.queue_position = None
             e.status_updated_at = datetime.now(timezone.utc)
             session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
+
+
+_START_SECONDS = None
+
+
+def _observe_start(endpoint: str, seconds: float) -> None:
+    """The worker's Prometheus histogram of cold starts: launch until ready (workers/worker.py)."""
+    global _START_SECONDS
+    from prometheus_client import Histogram
+
+    if _START_SECONDS is None:
+        _START_SECONDS = Histogram("standby_instance_cold_start_seconds", "Instance starts: launch until ready",
+                                   ["endpoint"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+    _START_SECONDS.labels(endpoint).observe(max(0.0, seconds))
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from common.models import I_DRAINING, I_FAILED, I_READY, I_STOPPED
+    from workflows import autoscale as asc
     from workflows import lifecycle as lc
     from workflows.activity_types import (
         EndpointStatusUpdate,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_STOP,
         SIGNAL_TERMINATE,
         SIGNAL_TRAFFIC,
+        SIGNAL_USAGE,
         SIGNAL_WAKE,
         UPDATE_SCALE_OUT,
         UPDATE_WAKE,
@@ -70,6 +72,7 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 MAX_TIMER_SECONDS = 366 * 24 * 3600.0
 # workflow.patched ids: changes of behaviour that running histories must replay without.
 PATCH_SPEC_TO_INSTANCES = "spec-to-instances"
+PATCH_AUTOSCALE = "autoscale"
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -168,12 +171,18 @@ class EndpointWorkflow:
                     state.restart_pending = False
                     for _ in range(min(state.restart_target, state.spec.max_instances)):
                         self._plan_instance()
+            autoscaling = state.spec.autoscaling and workflow.patched(PATCH_AUTOSCALE)
+            if autoscaling:
+                await self._autoscale(now)
             for _ in range(lc.wanted_new_instances(state)):
                 if not await self._undrain_one():
                     self._plan_instance()
             drain, _ = lc.idle_to_drain(state, now)
             for iid in drain:
                 await self._begin_drain(state.instances[iid])
+            if autoscaling:
+                for iid in lc.autoscale_surplus(state, now):
+                    await self._begin_drain(state.instances[iid], "the autoscaler needs fewer instances")
             release, _ = lc.drained(state, now)
             for iid in release:
                 await self._release(state.instances[iid], "idle")
@@ -188,6 +197,13 @@ class EndpointWorkflow:
             await self._event(kind, message)
         await self._publish()
         lc.prune(state, now)
+
+    async def _autoscale(self, now: float) -> None:
+        """Ask the autoscaler (workflows/autoscale.py) how many instances to have; a changed answer
+        is an `autoscale` event naming its inputs. The loop then starts or drains instances."""
+        decision = asc.decide(self.state.autoscale, lc.autoscale_inputs(self.state, now))
+        if decision.changed:
+            await self._event("autoscale", decision.message)
 
     async def _tell_instances(self, spec: LifecycleSpec) -> None:
         """Live changes (health checks, timeouts) reach the running instances' workflows now,
@@ -208,6 +224,8 @@ class EndpointWorkflow:
             lc.drained(state, now)[1],
             lc.next_stale_report(state, now),
             state.purge_at if state.desired == lc.WANT_STOPPED else None,
+            asc.next_look(state.autoscale, lc.autoscale_inputs(state, now))
+            if state.spec.autoscaling and state.desired == lc.SERVING else None,
         ]
         ended = [v.ended_at + 61 for v in state.instances.values() if v.ended_at is not None]
         times.extend(ended)
@@ -248,14 +266,14 @@ class EndpointWorkflow:
             return True
         return False
 
-    async def _begin_drain(self, view: lc.InstanceView) -> None:
+    async def _begin_drain(self, view: lc.InstanceView, why: str = "") -> None:
         view.status = I_DRAINING
         view.draining_since = self._now()
+        why = why or f"idle for {self.state.spec.idle_retention_seconds}s"
         # The proxy stops routing to it once its view refreshes; the drain grace covers that.
         await workflow.execute_local_activity(
             "record_instance", InstanceRecord(self.name, view.id, I_DRAINING, event_kind="instance_draining",
-                                              event_message=f"instance {view.id} idle for "
-                                                            f"{self.state.spec.idle_retention_seconds}s: draining"),
+                                              event_message=f"instance {view.id} {why}: draining"),
             **DB_WRITE)
 
     async def _release(self, view: lc.InstanceView, reason: str) -> None:
@@ -355,6 +373,16 @@ class EndpointWorkflow:
         previous = self.state.traffic.get(report.reporter)
         if previous is None or report.seq > previous.seq:
             self.state.traffic[report.reporter] = report
+            lc.observe_traffic_load(self.state, report)
+            self._dirty = True
+
+    @workflow.signal(name=SIGNAL_USAGE)
+    def usage(self, report: asc.UsageReport) -> None:
+        """A worker's CPU, memory and GPU samples of this endpoint's instances (workers/usage.py)."""
+        if self._early_or(self.usage, report):
+            return
+        if self.state.spec.autoscaling:
+            asc.observe_usage(self.state.autoscale, report)
             self._dirty = True
 
     @workflow.signal(name=SIGNAL_SCALE)
