@@ -32,9 +32,14 @@ IN_FLIGHT = Gauge(
 REJECTED = Counter(
     "standby_proxy_rejected_total", "503 answers (overload, hold timeout, not serving)", ["endpoint", "reason"]
 )
+# A request that waited at least this long for an instance was held (a cold start, or every
+# instance at max concurrency); a warm request waits microseconds. Only held requests go into the
+# Prometheus queue-wait histogram (an observation costs about a microsecond, on every request
+# otherwise); the charts' store counts every request's wait.
+HELD_SECONDS = 0.001
 QUEUE_WAIT = Histogram(
     "standby_proxy_queue_wait_seconds",
-    "Time from request arrival until an instance was chosen (held for a cold start or capacity included)",
+    "Of requests that were held (a cold start, or all instances busy): arrival until an instance was chosen",
     ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
@@ -45,8 +50,8 @@ COLD_START_REQUESTS = Counter(
 
 class TrafficRecorder:
     """The charts' request figures (common/metrics_store.py), aggregated in memory per endpoint and
-    per instance; a background greenlet takes them once per step and writes them. A request only
-    adds to two aggregates here: no I/O, no lock (one gevent process)."""
+    instance; a background greenlet takes them once per step, adds the endpoint's totals up and
+    writes them. A request adds to one aggregate here: no I/O, no lock (one gevent process)."""
 
     def __init__(self) -> None:
         from common.metrics_store import TrafficAgg
@@ -56,15 +61,25 @@ class TrafficRecorder:
 
     def observe(self, endpoint: str, instance_id: str, status: int, seconds: float, wait: float,
                 cold_start: bool) -> None:
-        for key in ((endpoint, ""), (endpoint, instance_id)) if instance_id else ((endpoint, ""),):
-            agg = self.open.get(key)
-            if agg is None:
-                agg = self.open[key] = self._new()
-            agg.observe(status, seconds, wait, cold_start)
+        key = (endpoint, instance_id)
+        agg = self.open.get(key)
+        if agg is None:
+            agg = self.open[key] = self._new()
+        agg.observe(status, seconds, wait, cold_start)
 
     def take(self) -> dict:
+        """The step's aggregates by (endpoint, instance id), with each endpoint's total under
+        (endpoint, "") (requests answered without an instance, errors, are only there)."""
         taken, self.open = self.open, {}
-        return taken
+        out: dict[tuple[str, str], object] = {}
+        for (endpoint, instance_id), agg in taken.items():
+            total = out.get((endpoint, ""))
+            if total is None:
+                total = out[(endpoint, "")] = self._new()
+            total.add(agg)
+            if instance_id:
+                out[(endpoint, instance_id)] = agg
+        return out
 
 
 class Metrics:
@@ -91,7 +106,7 @@ class Metrics:
         if hist is None:
             hist = self._latency[endpoint] = LATENCY.labels(endpoint)
         hist.observe(seconds)
-        if instance_id:
+        if wait >= HELD_SECONDS:  # a request that queued (a cold start, or all instances busy)
             waited = self._wait.get(endpoint)
             if waited is None:
                 waited = self._wait[endpoint] = QUEUE_WAIT.labels(endpoint)
