@@ -137,6 +137,9 @@ class Settings:
     metrics_retention_seconds: float = 8 * 24 * 3600.0
     usage_sample_seconds: float = 10.0
     worker_metrics_port: int = 9464
+    # Instance logs: rotated past this size, this many rotated files kept (workers/log_rotation.py).
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_keep: int = 3
 
     @functools.cached_property
     def price_list(self):
@@ -236,6 +239,8 @@ def load_settings(env: dict | None = None) -> Settings:
         metrics_retention_seconds=_float(env, "STANDBY_METRICS_RETENTION_SECONDS", 8 * 24 * 3600.0),
         usage_sample_seconds=_float(env, "STANDBY_USAGE_SAMPLE_SECONDS", 10.0),
         worker_metrics_port=_int(env, "STANDBY_WORKER_METRICS_PORT", 9464),
+        log_max_bytes=_int(env, "STANDBY_LOG_MAX_BYTES", 64 * 1024 * 1024),
+        log_keep=_int(env, "STANDBY_LOG_KEEP", 3),
         currency=env.get("STANDBY_CURRENCY") or "USD",
     )
 

@@ -130,6 +130,10 @@ def test_real_answers_match_the_document(app, doc):
     call("GET", logs, 200, name="tts", query="?lines=5")
     call("GET", logs, 400, name="tts", query="?lines=0")
     call("GET", logs, 404, name="tts", query="?instance=zz")
+    log_file = "/api/v1/endpoints/{name}/logs/{instance_id}.log"
+    call("GET", log_file, 200, name="tts", instance_id="abcdefgh")
+    call("GET", log_file, 404, name="tts", instance_id="zz")
+    call("GET", "/api/v1/endpoints/{name}/logs.tar.gz", 200, name="tts")
     metrics = "/api/v1/endpoints/{name}/metrics"
     assert len(call("GET", metrics, 200, name="tts")["t"]) == 60
     assert call("GET", metrics, 200, name="tts", query="?range=7d")["step_seconds"] == 3600

@@ -65,6 +65,8 @@ class Operation:
     body_limit: bool = True
     # The schema of its error answers, where they say more than an Error does (apply's outcome).
     error_schema: dict = field(default_factory=lambda: ref("Error"))
+    # The media type of its successful answers (a download is not JSON).
+    ok_media: str = JSON
 
 
 def _query(name: str, schema: dict, description: str) -> dict:
@@ -127,6 +129,14 @@ OPERATIONS: dict[str, Operation] = {
         query=(_query("instance", {"type": "string"}, "One instance's lines only."),
                _query("lines", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LINES, "default": 200},
                       "How many lines, at most."))),
+    "api.download_instance_log": Operation(
+        "Download an instance's log", "endpoints",
+        {200: ("The log as text (an attachment).", {"type": "string"})},
+        {404: "No such endpoint, or it has no such instance."}, ok_media="text/plain"),
+    "api.download_logs": Operation(
+        "Download every instance's log as an archive", "endpoints",
+        {200: ("A .tar.gz: <name>-logs/<instance>.log for each instance, and instances.tsv.",
+               {"type": "string", "contentMediaType": "application/gzip"})}, ok_media="application/gzip"),
     "api.endpoint_metrics": Operation(
         "An endpoint's metrics over a range", "endpoints", {200: ("One value per point, oldest first.",
                                                                    ref("EndpointMetrics"))},
@@ -181,6 +191,8 @@ PATH_PARAMETERS = {
                           "The endpoint's name."}),
     "action": lambda tag: {"schema": {"type": "string", "enum": list(ACTIONS)}},
     "key_id": lambda tag: {"schema": ROW_ID, "description": "The key's id."},
+    "instance_id": lambda tag: {"schema": {"type": "string", "minLength": 1, "maxLength": 16},
+                                "description": "The instance's id, e.g. xykemlvy."},
     "number": lambda tag: {"schema": ROW_ID, "description": "The version's number."},
     "operation": lambda tag: {"schema": {"type": "string", "enum": ["drain", "undrain"]}},
 }
@@ -212,7 +224,7 @@ def _responses(operation: Operation, method: str, has_path_params: bool) -> dict
     if method.upper() in MUTATING_METHODS:
         statuses |= {403, 415} | ({413} if operation.body and operation.body_limit else set())
     statuses |= set(operation.errors)
-    responses = {str(status): {"description": when, "content": {JSON: {"schema": schema}}}
+    responses = {str(status): {"description": when, "content": {operation.ok_media: {"schema": schema}}}
                  for status, (when, schema) in operation.ok.items()}
     for status in sorted(statuses):
         when = operation.errors.get(status) or ERRORS[status]

@@ -261,6 +261,7 @@ def _detail_context(endpoint: Endpoint) -> dict:
         "usage": usage_json(endpoint, now),
         "instance_usage": {i.id: instance_json(i, now) for i in endpoint.instances},
         "prices_configured": settings().price_list.configured,
+        "log_max_mib": settings().log_max_bytes // (1024 * 1024), "log_keep": settings().log_keep,
     }
 
 

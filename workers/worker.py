@@ -15,6 +15,7 @@ from common.db import Database
 from workers.activities import StandbyActivities
 from workers.exit_watch import unstick, watch_exits
 from workers.host import heartbeat_forever, host_info, join_pool, record_host
+from workers.log_rotation import rotate_forever
 from workers.reaper import reap
 from workers.usage import UsageSampler
 from workflows.endpoint import EndpointWorkflow
@@ -88,8 +89,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
             watcher = asyncio.create_task(watch_exits(backend, client, stop))
             beats = asyncio.create_task(heartbeat_forever(db, settings, stop))
             sampler = asyncio.create_task(UsageSampler(settings, db, backend, client).run_forever(stop))
+            rotator = asyncio.create_task(rotate_forever(settings.logs_dir, settings.log_max_bytes, settings.log_keep,
+                                                         stop))
             await stop.wait()
-            await asyncio.gather(watcher, beats, sampler)
+            await asyncio.gather(watcher, beats, sampler, rotator)
     if stop_instances_on_exit and hasattr(backend, "stop_all"):
         # `app.py up` is one machine's whole system: Ctrl-C leaves no instance behind. Their
         # workflows find them gone on the next start and record or replace them.
