@@ -202,6 +202,11 @@ SPEC: tuple[SpecField, ...] = (
          section="autoscaling", what="a whole number of seconds",
          help="Instances are removed only once fewer were enough for this long. The last instance stays for "
               "the idle retention."),
+    _text("warm_windows", "", "Warm windows", 2000, column=Text, multiline=True, readers=(LIFECYCLE,),
+          section="autoscaling",
+          help="Instances kept running at set times, one window a line: DAYS HH:MM-HH:MM [TIME ZONE]: INSTANCES, "
+               "e.g. weekdays 09:00-18:00 Europe/Paris: 2. Days: daily, weekdays, weekends, Mon-Fri, Sat,Sun; "
+               "no time zone: UTC."),
     # ---- health ----
     _text("health_path", "", "Health path", 255, readers=(LIFECYCLE,), section="health",
           help="Empty: ready when the port answers HTTP (any status below 500). Set: ready when this path "

@@ -26,8 +26,10 @@ from workflows.pool import PoolWorkflow
 HISTORIES = Path(__file__).parent / "histories"
 # Histories recorded by earlier releases stay, each replayed by today's code: endpoint, instance
 # and gpu_pool before pools existed; *-pools and pool since (placement through PoolWorkflow);
-# endpoint-autoscale: an endpoint scaling on concurrency and CPU (workflows/autoscale.py).
-KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "endpoint-autoscale")
+# endpoint-autoscale: an endpoint scaling on concurrency and CPU (workflows/autoscale.py);
+# endpoint-warm: a warm window opening, then closed by a spec change (workflows/warm_windows.py).
+KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "endpoint-autoscale",
+         "endpoint-warm")
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow, PoolWorkflow]
 
 
@@ -108,4 +110,31 @@ def test_record_autoscale_history(stack):
     wait_until(lambda: stack.runner.run(stack.handle(name).describe()).status.name == "COMPLETED", 30)
     history = stack.runner.run(stack.handle(name).fetch_history())
     (HISTORIES / "endpoint-autoscale.json").write_text(
+        json.dumps({"workflow_id": f"endpoint-{name}", "history": json.loads(history.to_json())}, indent=1))
+
+
+@pytest.mark.skipif(not os.environ.get("STANDBY_RECORD_HISTORIES"), reason="records histories on demand")
+def test_record_warm_window_history(stack):
+    """A warm window open now keeps an instance; the spec loses it (the window closes), the idle
+    retention releases the instance; terminate."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import select
+
+    from common.models import Endpoint
+
+    name = "replay-warm"
+    now = datetime.now(timezone.utc)
+    window = f"daily {(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}: 1"
+    stack.create_endpoint(name, warm_windows=window, idle_retention_seconds=2)
+    stack.wait_status(name, "running", 60)
+    with stack.db.session() as s:
+        s.scalar(select(Endpoint).where(Endpoint.name == name)).warm_windows = ""
+    stack.signal(name, "spec_changed")
+    stack.wait_status(name, "standby", 60)
+    stack.signal(name, "terminate")
+    stack.wait_status(name, "terminated", 30)
+    wait_until(lambda: stack.runner.run(stack.handle(name).describe()).status.name == "COMPLETED", 30)
+    history = stack.runner.run(stack.handle(name).fetch_history())
+    (HISTORIES / "endpoint-warm.json").write_text(
         json.dumps({"workflow_id": f"endpoint-{name}", "history": json.loads(history.to_json())}, indent=1))

@@ -223,8 +223,19 @@ def _routes(value: Any) -> list:
     return routes
 
 
+def _warm_windows(text: str) -> str:
+    from workflows.warm_windows import parse
+
+    try:
+        parse(text)
+    except ValueError as exc:
+        raise _Invalid(f"{exc}") from None
+    return text
+
+
 # Checks of a field's content beyond its kind and limits.
-_CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir}
+_CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir,
+                                             "warm_windows": _warm_windows}
 
 
 def _names(f) -> Callable[[Any], list]:
@@ -512,7 +523,15 @@ AUTOSCALE_TARGETS = ("target_concurrency", "target_cpu_percent", "target_memory_
 
 
 def _check_autoscaling(clean: dict, errors: dict) -> None:
-    """Auto-scaling needs something to scale on; a GPU target needs GPUs to measure."""
+    """Auto-scaling needs something to scale on; a GPU target needs GPUs to measure; a warm
+    window keeps no more than max instances."""
+    if clean.get("warm_windows") and clean.get("max_instances") and "warm_windows" not in errors:
+        from workflows.warm_windows import parse
+
+        try:
+            parse(clean["warm_windows"], clean["max_instances"])
+        except ValueError as exc:
+            errors["warm_windows"] = f"warm_windows {exc}"
     if clean.get("autoscaling") and not any(clean.get(t) for t in AUTOSCALE_TARGETS) \
             and not any(t in errors for t in AUTOSCALE_TARGETS):
         errors["target_concurrency"] = ("autoscaling needs a target: set target_concurrency (in-flight requests per "

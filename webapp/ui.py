@@ -35,6 +35,8 @@ from webapp.views_common import (
     usage_json,
 )
 from workflows.contracts import ERR_REPLICA_QUOTA
+from workflows.warm_windows import describe as describe_window
+from workflows.warm_windows import safe_parse
 
 bp = Blueprint("ui", __name__)
 UI_ACTIONS = ("stop", "restart", "wake", "scale-out")
@@ -262,6 +264,7 @@ def _detail_context(endpoint: Endpoint) -> dict:
         "instance_usage": {i.id: instance_json(i, now) for i in endpoint.instances},
         "prices_configured": settings().price_list.configured,
         "log_max_mib": settings().log_max_bytes // (1024 * 1024), "log_keep": settings().log_keep,
+        "warm_windows": [describe_window(w, now) for w in safe_parse(endpoint.warm_windows or "")],
     }
 
 

@@ -56,6 +56,8 @@ from workflows.activity_types import (
     StartInstanceInput,
     StartInstanceResult,
     StopInstanceInput,
+    WarmWindowsInput,
+    WarmWindowsResult,
 )
 from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
 
@@ -116,7 +118,7 @@ class StandbyActivities:
         return [
             self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
             self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
-            self.purge_endpoint, self.hosts_last_seen, self.record_host_state,
+            self.purge_endpoint, self.hosts_last_seen, self.record_host_state, self.warm_windows_now,
         ]
 
     def host_bound(self) -> list:
@@ -405,6 +407,16 @@ class StandbyActivities:
             host = session.get(Host, rec.host)
             if host is not None:
                 host.state, host.state_reason = rec.state, rec.reason
+
+    # ------------------------------------------------------------ warm windows
+    @activity.defn
+    def warm_windows_now(self, inp: WarmWindowsInput) -> WarmWindowsResult:
+        """workflows/warm_windows.py `evaluate`, outside the workflow: its answer (which depends on
+        the tz database) is recorded in the workflow's history."""
+        from workflows.warm_windows import evaluate
+
+        instances, open_windows, next_change = evaluate(inp.text, inp.now, inp.max_instances)
+        return WarmWindowsResult(instances, open_windows, next_change)
 
     # ------------------------------------------------------------ purge
     @activity.defn

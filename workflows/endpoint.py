@@ -25,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
         LifecycleSpec,
         LoadSpecInput,
         PurgeInput,
+        WarmWindowsInput,
+        WarmWindowsResult,
     )
     from workflows.contracts import (
         ERR_NOT_SERVING,
@@ -73,6 +75,7 @@ MAX_TIMER_SECONDS = 366 * 24 * 3600.0
 # workflow.patched ids: changes of behaviour that running histories must replay without.
 PATCH_SPEC_TO_INSTANCES = "spec-to-instances"
 PATCH_AUTOSCALE = "autoscale"
+PATCH_WARM_WINDOWS = "warm-windows"
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -171,6 +174,8 @@ class EndpointWorkflow:
                     state.restart_pending = False
                     for _ in range(min(state.restart_target, state.spec.max_instances)):
                         self._plan_instance()
+            if (state.spec.warm_windows or state.warm) and workflow.patched(PATCH_WARM_WINDOWS):
+                await self._warm_windows(now)
             autoscaling = state.spec.autoscaling and workflow.patched(PATCH_AUTOSCALE)
             if autoscaling:
                 await self._autoscale(now)
@@ -197,6 +202,28 @@ class EndpointWorkflow:
             await self._event(kind, message)
         await self._publish()
         lc.prune(state, now)
+
+    async def _warm_windows(self, now: float) -> None:
+        """Warm windows (workflows/warm_windows.py): the instances they keep now, an event when one
+        opens or closes, and a timer on the next change (in _next_deadline). Worked out by a local
+        activity, only when the text changed or the next change has come."""
+        state = self.state
+        text = state.spec.warm_windows or ""
+        if text == state.warm_text and (state.warm_next is None or now < state.warm_next):
+            return
+        result: WarmWindowsResult = await workflow.execute_local_activity(
+            "warm_windows_now", WarmWindowsInput(text, now, state.spec.max_instances), result_type=WarmWindowsResult,
+            **DB_WRITE)
+        for line in result.open_windows:
+            if line not in state.warm_open:
+                await self._event("warm_window", f"warm window open: {line} (keeping {result.instances} warm)")
+        for line in state.warm_open:
+            if line not in result.open_windows:
+                await self._event("warm_window", f"warm window closed: {line} (idle instances beyond "
+                                                 f"{max(result.instances, state.spec.min_instances)} go after "
+                                                 f"the idle retention)")
+        state.warm, state.warm_open, state.warm_next = result.instances, result.open_windows, result.next_change
+        state.warm_text = text
 
     async def _autoscale(self, now: float) -> None:
         """Ask the autoscaler (workflows/autoscale.py) how many instances to have; a changed answer
@@ -226,6 +253,7 @@ class EndpointWorkflow:
             state.purge_at if state.desired == lc.WANT_STOPPED else None,
             asc.next_look(state.autoscale, lc.autoscale_inputs(state, now))
             if state.spec.autoscaling and state.desired == lc.SERVING else None,
+            state.warm_next if state.desired == lc.SERVING else None,
         ]
         ended = [v.ended_at + 61 for v in state.instances.values() if v.ended_at is not None]
         times.extend(ended)

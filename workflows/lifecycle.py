@@ -112,6 +112,12 @@ class EndpointState:
     unavailable_pools: dict[str, float] = field(default_factory=dict)
     # The autoscaler's observations and last answer (workflows/autoscale.py).
     autoscale: asc.AutoscaleState = field(default_factory=asc.AutoscaleState)
+    # Warm windows (workflows/warm_windows.py): instances kept now, the open windows (their
+    # lines), when that next changes (the workflow's timer), and the text it was worked out for.
+    warm: int = 0
+    warm_open: list[str] = field(default_factory=list)
+    warm_next: float | None = None
+    warm_text: str = ""
 
 
 @dataclass
@@ -218,7 +224,7 @@ def wanted_new_instances(state: EndpointState) -> int:
     """How many instances to start now to honour min instances and a pending wake."""
     if state.desired != SERVING or state.restart_pending:
         return 0
-    want = max(state.spec.min_instances, autoscaled(state))
+    want = max(state.spec.min_instances, autoscaled(state), state.warm)
     if state.wake_pending:
         want = max(want, 1)
     have = len(active(state))
@@ -265,7 +271,7 @@ def autoscale_surplus(state: EndpointState, now: float) -> list[str]:
     if state.desired != SERVING or not getattr(state.spec, "autoscaling", False):
         return []
     serving = active(state)
-    count = asc.surplus(state.autoscale.desired, state.spec.min_instances, len(serving))
+    count = asc.surplus(state.autoscale.desired, max(state.spec.min_instances, state.warm), len(serving))
     if count <= 0:
         return []
     traffic = aggregate_traffic(state, now)
@@ -286,7 +292,7 @@ def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | 
         return [], None
     traffic = aggregate_traffic(state, now)
     # What the autoscaler wants is kept like min instances; idle retention releases the rest.
-    keep = max(state.spec.min_instances, autoscaled(state))
+    keep = max(state.spec.min_instances, autoscaled(state), state.warm)
     candidates = []
     next_check: float | None = None
     for view in routable(state):
@@ -376,6 +382,9 @@ class EndpointStatusView:
     # The autoscaler's last answer and why (0 and "" while autoscaling is off).
     autoscale_desired: int = 0
     autoscale_reason: str = ""
+    # Instances the open warm windows keep, and those windows.
+    warm_instances: int = 0
+    warm_windows_open: list[str] = field(default_factory=list)
 
 
 def status_view(name: str, state: EndpointState | None, now: float) -> EndpointStatusView:
@@ -401,4 +410,6 @@ def status_view(name: str, state: EndpointState | None, now: float) -> EndpointS
         ],
         autoscale_desired=autoscaled(state),
         autoscale_reason=state.autoscale.message if getattr(state.spec, "autoscaling", False) else "",
+        warm_instances=state.warm,
+        warm_windows_open=list(state.warm_open),
     )

@@ -27,6 +27,7 @@ AUTOSCALING = (
     ("target_gpu_percent", sa.Integer(), sa.text("0")),
     ("autoscale_window_seconds", sa.Integer(), sa.text("60")),
     ("scale_down_delay_seconds", sa.Integer(), sa.text("30")),
+    ("warm_windows", sa.Text(), sa.text("''")),
 )
 
 
