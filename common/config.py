@@ -5,6 +5,7 @@ names, rename none.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -149,6 +150,27 @@ class Settings:
     # Instances of the process backend run each as a uid of its own from this range (workers/
     # isolation.py); "off": as the worker's own user.
     instance_uids: str = "200000-299999"
+    # Cost (README.md "Cost"): prices per hour, "T4=0.35,A100=2.93,cpu=0.05" (per GPU of a type,
+    # and per CPU-only instance), and the currency they are in.
+    prices: str = ""
+    currency: str = "USD"
+    # Metrics (README.md "Metrics"): the charts' store in the app database (common/metrics_store.py),
+    # how often each process writes to it, how long its rows are kept; how often a worker samples
+    # its instances' CPU, memory and GPU use; where a worker serves its Prometheus /metrics.
+    metrics_step_seconds: float = 10.0
+    metrics_raw_retention_seconds: float = 7200.0
+    metrics_retention_seconds: float = 8 * 24 * 3600.0
+    usage_sample_seconds: float = 10.0
+    worker_metrics_port: int = 9464
+    # Instance logs: rotated past this size, this many rotated files kept (workers/log_rotation.py).
+    log_max_bytes: int = 64 * 1024 * 1024
+    log_keep: int = 3
+
+    @functools.cached_property
+    def price_list(self):
+        from common.cost import parse_prices
+
+        return parse_prices(self.prices, self.currency)
 
     @property
     def temporal_target(self) -> str:
@@ -243,4 +265,21 @@ def load_settings(env: dict | None = None) -> Settings:
         login_max_lock_seconds=_float(env, "STANDBY_LOGIN_MAX_LOCK_SECONDS", 900.0),
         secrets_keys=env.get("STANDBY_SECRETS_KEYS", ""),
         instance_uids=env.get("STANDBY_INSTANCE_UIDS") or "200000-299999",
+        prices=_prices(env),
+        metrics_step_seconds=_float(env, "STANDBY_METRICS_STEP_SECONDS", 10.0),
+        metrics_raw_retention_seconds=_float(env, "STANDBY_METRICS_RAW_RETENTION_SECONDS", 7200.0),
+        metrics_retention_seconds=_float(env, "STANDBY_METRICS_RETENTION_SECONDS", 8 * 24 * 3600.0),
+        usage_sample_seconds=_float(env, "STANDBY_USAGE_SAMPLE_SECONDS", 10.0),
+        worker_metrics_port=_int(env, "STANDBY_WORKER_METRICS_PORT", 9464),
+        log_max_bytes=_int(env, "STANDBY_LOG_MAX_BYTES", 64 * 1024 * 1024),
+        log_keep=_int(env, "STANDBY_LOG_KEEP", 3),
+        currency=env.get("STANDBY_CURRENCY") or "USD",
     )
+
+
+def _prices(env: dict) -> str:
+    from common.cost import parse_prices
+
+    raw = env.get("STANDBY_PRICES", "")
+    parse_prices(raw)  # a mistake is said at start, naming the variable
+    return raw

@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -113,6 +114,9 @@ class Instance(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # Billed: GPU count x (stopped_at - ready_at). Queued time is never billed.
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # Its price per hour, fixed when it became ready (common/cost.py): cost = price x (stopped -
+    # ready), growing while it runs. Null: it never became ready (nothing billed).
+    price_per_hour: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     endpoint: Mapped[Endpoint] = relationship(back_populates="instances")
 
@@ -126,6 +130,27 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class MetricPoint(Base):
+    """One writer's figures of one step, for the endpoint page's charts (common/metrics_store.py):
+    request counts and histograms (kind `traffic`, from the proxy) or resource use of an instance
+    (kind `usage`, from its worker). Each row has one writer (`source`); readers add them up."""
+
+    __tablename__ = "metric_points"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "instance_id", "kind", "step", "at", "source"),
+        Index("ix_metric_points_range", "endpoint_id", "kind", "step", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"))
+    instance_id: Mapped[str] = mapped_column(String(16), default="")  # "": the endpoint as a whole
+    kind: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer)  # seconds this row covers
+    at: Mapped[int] = mapped_column(Integer)  # unix seconds, a multiple of step
+    source: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class ApiKey(Base):

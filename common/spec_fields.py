@@ -179,6 +179,34 @@ SPEC: tuple[SpecField, ...] = (
     _int("startup_timeout_seconds", 1200, "Startup timeout", 1, DAY, "1 day; the settings narrow it further",
          readers=(LIFECYCLE, PROXY), section="scaling", what="a whole number of seconds", form_unit=("minutes", 60),
          help="How long an instance may take to become ready."),
+    # ---- autoscaling (workflows/autoscale.py; README.md "Autoscaling") ----
+    SpecField("autoscaling", BOOL, False, "Enable auto-scaling", "Scale between min and max instances on the "
+              "targets below. Off: an instance starts on a request to a sleeping endpoint, a scale-out, or when "
+              "every instance is at max concurrency.", readers=(LIFECYCLE,), section="autoscaling", column=Boolean),
+    _int("target_concurrency", 0, "Target in-flight requests per instance", 0, 100_000,
+         "requests in flight per instance", readers=(LIFECYCLE,), section="autoscaling",
+         help="Instances = ceil(average in-flight requests / this), as Knative does; 0: not by concurrency."),
+    _int("target_cpu_percent", 0, "Target CPU %", 0, 100, "percent of the instance's CPU cores",
+         readers=(LIFECYCLE,), section="autoscaling",
+         help="Of the instance's CPU cores; instances = ceil(current x usage / target), as Kubernetes' HPA does. "
+              "0: not by CPU."),
+    _int("target_memory_percent", 0, "Target memory %", 0, 100, "percent of the instance's memory",
+         readers=(LIFECYCLE,), section="autoscaling", help="Of the instance's memory; 0: not by memory."),
+    _int("target_gpu_percent", 0, "Target GPU %", 0, 100, "percent GPU utilisation", readers=(LIFECYCLE,),
+         section="autoscaling", help="GPU utilisation (nvidia-smi) of the instance's GPUs; 0: not by GPU."),
+    _int("autoscale_window_seconds", 60, "Autoscale window (seconds)", 6, 3600, "1 hour", readers=(LIFECYCLE,),
+         section="autoscaling", what="a whole number of seconds",
+         help="Load is averaged over this window; a burst asking for twice the instances within its last "
+              "tenth (the panic window) scales up at once."),
+    _int("scale_down_delay_seconds", 30, "Scale-down delay (seconds)", 0, 3600, "1 hour", readers=(LIFECYCLE,),
+         section="autoscaling", what="a whole number of seconds",
+         help="Instances are removed only once fewer were enough for this long. The last instance stays for "
+              "the idle retention."),
+    _text("warm_windows", "", "Warm windows", 2000, column=Text, multiline=True, readers=(LIFECYCLE,),
+          section="autoscaling",
+          help="Instances kept running at set times, one window a line: DAYS HH:MM-HH:MM [TIME ZONE]: INSTANCES, "
+               "e.g. weekdays 09:00-18:00 Europe/Paris: 2. Days: daily, weekdays, weekends, Mon-Fri, Sat,Sun; "
+               "no time zone: UTC."),
     # ---- health ----
     _text("health_path", "", "Health path", 255, readers=(LIFECYCLE,), section="health",
           help="Empty: ready when the port answers HTTP (any status below 500). Set: ready when this path "
@@ -201,7 +229,7 @@ BY_NAME: dict[str, SpecField] = {f.name: f for f in SPEC}
 SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in SPEC)
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in SPEC if f.name != "name"}
 EDIT_CLASSES = (LIVE, RESTART, IMMUTABLE)
-SECTIONS = ("endpoint", "source", "routes", "resources", "scaling", "health", "traffic")
+SECTIONS = ("endpoint", "source", "routes", "resources", "scaling", "autoscaling", "health", "traffic")
 
 
 def read_by(reader: str) -> tuple[SpecField, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from common.config import Settings, load_settings
 from common.db import Database
@@ -65,11 +66,33 @@ class ProxyApp:
         self.routing.refresh()
         gevent.spawn(self.routing.run_forever)
         gevent.spawn(self.tracker.run_forever)
+        gevent.spawn(self._write_metrics_forever)
         self.lifecycle.start()
         healed = self.tracker.heal()
         if healed:
             log.warning("took over the reports of a proxy process that died: %d endpoint(s) had requests in "
                         "flight, now reported ended", len(healed))
+
+    def _write_metrics_forever(self) -> None:
+        """Once per step, just after its end: the step's request figures go to the charts' store
+        (common/metrics_store.py), under this process's reporter id, off the request path."""
+        import gevent
+
+        from common.metrics_store import TRAFFIC, MetricsWriter, Point
+
+        s = self.settings
+        writer = MetricsWriter(self.routing.database, self.tracker.reporter, s.metrics_step_seconds,
+                               s.metrics_raw_retention_seconds, s.metrics_retention_seconds)
+        step = writer.step
+        while True:
+            gevent.sleep(step - time.time() % step + 0.05)
+            taken = self.metrics.recorder.take()
+            at = time.time() - step / 2  # within the step that just ended
+            try:
+                writer.write(TRAFFIC, [Point(endpoint, instance_id, at, agg.to_json())
+                                       for (endpoint, instance_id), agg in taken.items()])
+            except Exception:  # noqa: BLE001 - a chart loses a step; the proxy goes on
+                log.exception("writing request metrics failed")
 
     def __call__(self, environ, start_response):
         if not self._started:

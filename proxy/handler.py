@@ -351,6 +351,7 @@ class ProxyHandler:
         """Send the request to the chosen instance; returns (status, headers, body iterable).
         The claim goes to the response body (released by its close()) or is released here."""
         claim, instance, cold_start = chosen.claim, chosen.instance, chosen.cold_start
+        waited = time.monotonic() - req.started  # queue wait: arrival until an instance was chosen
         tried: set[str] = set()
         try:
             while True:
@@ -395,7 +396,7 @@ class ProxyHandler:
         if req.view.sticky_sessions and self._sticky_id(req) != instance.id:
             cookie = sticky_cookie_name(req.name)
             out.append(("Set-Cookie", f"{cookie}={instance.id}; Path=/e/{req.name}; HttpOnly; SameSite=Lax"))
-        self.metrics.observe(req.name, resp.status, time.monotonic() - req.started)
+        self.metrics.observe(req.name, resp.status, time.monotonic() - req.started, instance.id, waited, cold_start)
         return f"{resp.status} {resp.reason or ''}".rstrip(), out, StreamedResponse(resp, claim.release)
 
     def _another_instance(self, req: Request, tried: set[str]) -> Acquired | ErrorReply | None:

@@ -32,6 +32,54 @@ IN_FLIGHT = Gauge(
 REJECTED = Counter(
     "standby_proxy_rejected_total", "503 answers (overload, hold timeout, not serving)", ["endpoint", "reason"]
 )
+# A request that waited at least this long for an instance was held (a cold start, or every
+# instance at max concurrency); a warm request waits microseconds. Only held requests go into the
+# Prometheus queue-wait histogram (an observation costs about a microsecond, on every request
+# otherwise); the charts' store counts every request's wait.
+HELD_SECONDS = 0.001
+QUEUE_WAIT = Histogram(
+    "standby_proxy_queue_wait_seconds",
+    "Of requests that were held (a cold start, or all instances busy): arrival until an instance was chosen",
+    ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+COLD_START_REQUESTS = Counter(
+    "standby_proxy_cold_start_requests_total", "Requests that waited for an instance to start", ["endpoint"]
+)
+
+
+class TrafficRecorder:
+    """The charts' request figures (common/metrics_store.py), aggregated in memory per endpoint and
+    instance; a background greenlet takes them once per step, adds the endpoint's totals up and
+    writes them. A request adds to one aggregate here: no I/O, no lock (one gevent process)."""
+
+    def __init__(self) -> None:
+        from common.metrics_store import TrafficAgg
+
+        self._new = TrafficAgg
+        self.open: dict[tuple[str, str], object] = {}
+
+    def observe(self, endpoint: str, instance_id: str, status: int, seconds: float, wait: float,
+                cold_start: bool) -> None:
+        key = (endpoint, instance_id)
+        agg = self.open.get(key)
+        if agg is None:
+            agg = self.open[key] = self._new()
+        agg.observe(status, seconds, wait, cold_start)
+
+    def take(self) -> dict:
+        """The step's aggregates by (endpoint, instance id), with each endpoint's total under
+        (endpoint, "") (requests answered without an instance, errors, are only there)."""
+        taken, self.open = self.open, {}
+        out: dict[tuple[str, str], object] = {}
+        for (endpoint, instance_id), agg in taken.items():
+            total = out.get((endpoint, ""))
+            if total is None:
+                total = out[(endpoint, "")] = self._new()
+            total.add(agg)
+            if instance_id:
+                out[(endpoint, instance_id)] = agg
+        return out
 
 
 class Metrics:
@@ -41,8 +89,13 @@ class Metrics:
         self._requests: dict[tuple[str, str], object] = {}
         self._latency: dict[str, object] = {}
         self._in_flight: dict[str, object] = {}
+        self._wait: dict[str, object] = {}
+        self.recorder = TrafficRecorder()
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, seconds: float, instance_id: str = "", wait: float = 0.0,
+                cold_start: bool = False) -> None:
+        """One answered request: `seconds` from arrival to the response headers, `wait` of them
+        spent before an instance was chosen (forwarded requests only)."""
         code_class = f"{status // 100}xx"
         key = (endpoint, code_class)
         counter = self._requests.get(key)
@@ -53,6 +106,14 @@ class Metrics:
         if hist is None:
             hist = self._latency[endpoint] = LATENCY.labels(endpoint)
         hist.observe(seconds)
+        if wait >= HELD_SECONDS:  # a request that queued (a cold start, or all instances busy)
+            waited = self._wait.get(endpoint)
+            if waited is None:
+                waited = self._wait[endpoint] = QUEUE_WAIT.labels(endpoint)
+            waited.observe(wait)
+            if cold_start:
+                COLD_START_REQUESTS.labels(endpoint).inc()
+        self.recorder.observe(endpoint, instance_id, status, seconds, wait, cold_start)
 
     def in_flight(self, endpoint: str, delta: int) -> None:
         gauge = self._in_flight.get(endpoint)

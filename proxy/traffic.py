@@ -56,9 +56,19 @@ class _EndpointFigures:
     dirty: bool = False
     urgent: bool = False
     last_sent: float = 0.0  # monotonic
+    # Requests in flight or held now, and the request-seconds they added up to (the load the
+    # autoscaler averages), counted up to `load_since` (wall clock, as the request times).
+    load: int = 0
+    load_seconds: float = 0.0
+    load_since: float = 0.0
 
     def busy(self) -> bool:
         return any(fig.in_flight > 0 for fig in self.instances.values())
+
+    def add_load(self, delta: int, now: float) -> None:
+        self.load_seconds += self.load * (now - self.load_since)
+        self.load_since = now
+        self.load = max(0, self.load + delta)
 
 
 def default_reporter_id() -> str:
@@ -145,6 +155,7 @@ class TrafficTracker:
         # What this reporter last told each endpoint (kept in the slot's file).
         self._last_reports: dict[str, TrafficReport] = {}
         self._endpoints: dict[str, _EndpointFigures] = {}
+        self._load_forgotten: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}  # instance id -> count, for the balancer
         # Told of every change of an endpoint's in-flight count (the proxy's metrics gauge).
         self.on_in_flight: Callable[[str, int], None] = lambda endpoint, delta: None
@@ -174,6 +185,7 @@ class TrafficTracker:
         fig.in_flight += 1
         fig.requests += 1
         fig.last_request_at = now
+        ep.add_load(+1, now)
         ep.dirty = True
         self.on_in_flight(endpoint, +1)
         self._in_flight[instance_id] = self._in_flight.get(instance_id, 0) + 1
@@ -181,7 +193,8 @@ class TrafficTracker:
     def end(self, endpoint: str, instance_id: str) -> None:
         ep, fig = self._figures(endpoint, instance_id)
         fig.in_flight = max(0, fig.in_flight - 1)
-        fig.last_request_at = time.time()
+        now = fig.last_request_at = time.time()
+        ep.add_load(-1, now)
         ep.dirty = True
         left = self._in_flight.get(instance_id, 0) - 1
         if left > 0:
@@ -194,6 +207,7 @@ class TrafficTracker:
     def hold(self, endpoint: str, delta: int) -> None:
         ep = self._endpoints.setdefault(endpoint, _EndpointFigures())
         ep.held = max(0, ep.held + delta)
+        ep.add_load(delta, time.time())
         ep.dirty = True
 
     def held(self, endpoint: str) -> int:
@@ -212,6 +226,7 @@ class TrafficTracker:
             if not (changed or keepalive):
                 continue
             self._seq = max(self._seq + 1, time.time_ns())
+            ep.add_load(0, wall)
             report = TrafficReport(
                 reporter=self.reporter,
                 seq=self._seq,
@@ -221,6 +236,7 @@ class TrafficTracker:
                     for inst_id, fig in ep.instances.items()
                 ],
                 held=ep.held,
+                load_seconds=round(self._load_forgotten.get(name, 0.0) + ep.load_seconds, 6),
             )
             ep.dirty = ep.urgent = False
             ep.last_sent = now
@@ -233,6 +249,8 @@ class TrafficTracker:
             if fig.in_flight == 0 and wall - fig.last_request_at > FORGET_AFTER_SECONDS:
                 del ep.instances[inst_id]
         if not ep.instances and ep.held == 0 and not ep.dirty:
+            # Its count of request-seconds must keep growing for the autoscaler: kept aside.
+            self._load_forgotten[name] = self._load_forgotten.get(name, 0.0) + ep.load_seconds
             del self._endpoints[name]
 
     def flush(self) -> None:

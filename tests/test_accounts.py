@@ -76,7 +76,8 @@ def snapshot(app) -> dict:
 
 # Path values naming Alice's things; a route with another parameter fails the walk until it is added.
 ALICES = {"name": None, "key_id": None, "number": "1", "action": "stop", "operation": "drain",
-          "project": "proj-alice", "user": "alice", "token_id": None}
+          "project": "proj-alice", "user": "alice", "token_id": None,
+          "instance_id": "inst-of-alice"}
 BODY = {"name": "ep-of-alice", "description": "bob was here", "role": "admin", "max_endpoints": 999,
         "max_gpus": 99, "git_url": "https://example.com/x.git", "git_ref": "main", **SERVER}
 FORM = {"name": "ep-of-alice", "project": "proj-alice", "confirm_name": "ep-of-alice", "key_name": "x",

@@ -131,6 +131,14 @@ def test_real_answers_match_the_document(app, doc):
     call("GET", logs, 200, name="tts", query="?lines=5")
     call("GET", logs, 400, name="tts", query="?lines=0")
     call("GET", logs, 404, name="tts", query="?instance=zz")
+    log_file = "/api/v1/endpoints/{name}/logs/{instance_id}.log"
+    call("GET", log_file, 200, name="tts", instance_id="abcdefgh")
+    call("GET", log_file, 404, name="tts", instance_id="zz")
+    call("GET", "/api/v1/endpoints/{name}/logs.tar.gz", 200, name="tts")
+    metrics = "/api/v1/endpoints/{name}/metrics"
+    assert len(call("GET", metrics, 200, name="tts")["t"]) == 60
+    assert call("GET", metrics, 200, name="tts", query="?range=7d")["step_seconds"] == 3600
+    call("GET", metrics, 400, name="tts", query="?range=1y")
     with app.app_context():
         db.session.scalar(select(Endpoint).where(Endpoint.name == "tts")).status = STOPPED
         db.session.commit()
@@ -227,7 +235,7 @@ def test_real_answers_match_the_document(app, doc):
     for path, item in doc["paths"].items():
         url = re.sub(r"{(\w+)}", lambda m: {"name": "tts", "project": "ml-team", "user": "dev", "key_id": "1",
                                             "token_id": "1", "number": "1", "action": "stop",
-                                            "operation": "drain"}[m.group(1)], path)
+                                            "operation": "drain", "instance_id": "i1"}[m.group(1)], path)
         for method, operation in item.items():
             response = anonymous_client(app).open(url, method=method.upper())
             assert response.status_code == 401, (method, path)

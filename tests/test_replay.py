@@ -27,8 +27,11 @@ HISTORIES = Path(__file__).parent / "histories"
 # Histories recorded by earlier releases stay, each replayed by today's code: endpoint, instance
 # and gpu_pool before pools existed; *-pools and pool since (placement through PoolWorkflow);
 # pool-quota, a pool holding back a project past its GPU quota (recorded by
-# tests/test_gpu_quota.py with STANDBY_RECORD_HISTORIES=1).
-KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "pool-quota")
+# tests/test_gpu_quota.py with STANDBY_RECORD_HISTORIES=1);
+# endpoint-autoscale: an endpoint scaling on concurrency and CPU (workflows/autoscale.py);
+# endpoint-warm: a warm window opening, then closed by a spec change (workflows/warm_windows.py).
+KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "pool-quota",
+         "endpoint-autoscale", "endpoint-warm")
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow, PoolWorkflow]
 
 
@@ -80,3 +83,60 @@ def test_record_histories(stack):
         history = stack.runner.run(stack.client.get_workflow_handle(wid).fetch_history())
         (HISTORIES / f"{kind}.json").write_text(
             json.dumps({"workflow_id": wid, "history": json.loads(history.to_json())}, indent=1))
+
+
+@pytest.mark.skipif(not os.environ.get("STANDBY_RECORD_HISTORIES"), reason="records histories on demand")
+def test_record_autoscale_history(stack):
+    """Autoscaling: a wake, load reports that panic it to three instances, CPU samples, the load
+    gone (the autoscaler drains two, the idle retention the last), terminate."""
+    from workflows.autoscale import InstanceUsage, UsageReport
+
+    name = "replay-autoscale"
+    stack.create_endpoint(name, max_instances=3, autoscaling=True, target_concurrency=2, target_cpu_percent=80,
+                          autoscale_window_seconds=6, scale_down_delay_seconds=1, idle_retention_seconds=2)
+    stack.wait_status(name, "standby")
+    iid = stack.update(name, "wake_until_ready", WakeRequest(request_id="w1"), timeout=60)["instance_id"]
+    for seq in range(1, 6):
+        now = time.time()
+        stack.signal(name, "traffic", TrafficReport(reporter="test:1", seq=seq, sent_at=now, load_seconds=6.0 * seq,
+                                                    instances=[InstanceTraffic(iid, 6, now, seq)]))
+        time.sleep(1.0)
+    wait_until(lambda: sum(1 for i in stack.instances(name) if i.status == "ready") == 3, 60)
+    stack.signal(name, "usage", UsageReport("recorder", time.time(), [InstanceUsage(iid, 30.0, 10.0, None, time.time())]))
+    now = time.time()
+    stack.signal(name, "traffic", TrafficReport(reporter="test:1", seq=10, sent_at=now, load_seconds=40.0,
+                                                instances=[InstanceTraffic(iid, 0, now, 10)]))
+    stack.wait_status(name, "standby", 60)
+    stack.signal(name, "terminate")
+    stack.wait_status(name, "terminated", 30)
+    wait_until(lambda: stack.runner.run(stack.handle(name).describe()).status.name == "COMPLETED", 30)
+    history = stack.runner.run(stack.handle(name).fetch_history())
+    (HISTORIES / "endpoint-autoscale.json").write_text(
+        json.dumps({"workflow_id": f"endpoint-{name}", "history": json.loads(history.to_json())}, indent=1))
+
+
+@pytest.mark.skipif(not os.environ.get("STANDBY_RECORD_HISTORIES"), reason="records histories on demand")
+def test_record_warm_window_history(stack):
+    """A warm window open now keeps an instance; the spec loses it (the window closes), the idle
+    retention releases the instance; terminate."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import select
+
+    from common.models import Endpoint
+
+    name = "replay-warm"
+    now = datetime.now(timezone.utc)
+    window = f"daily {(now - timedelta(hours=1)):%H:%M}-{(now + timedelta(hours=1)):%H:%M}: 1"
+    stack.create_endpoint(name, warm_windows=window, idle_retention_seconds=2)
+    stack.wait_status(name, "running", 60)
+    with stack.db.session() as s:
+        s.scalar(select(Endpoint).where(Endpoint.name == name)).warm_windows = ""
+    stack.signal(name, "spec_changed")
+    stack.wait_status(name, "standby", 60)
+    stack.signal(name, "terminate")
+    stack.wait_status(name, "terminated", 30)
+    wait_until(lambda: stack.runner.run(stack.handle(name).describe()).status.name == "COMPLETED", 30)
+    history = stack.runner.run(stack.handle(name).fetch_history())
+    (HISTORIES / "endpoint-warm.json").write_text(
+        json.dumps({"workflow_id": f"endpoint-{name}", "history": json.loads(history.to_json())}, indent=1))

@@ -210,7 +210,7 @@ def test_detail_shows_connect_panel_instances_and_logs_newest_first(app, client,
     assert client.get("/api/v1/endpoints/tts/logs?instance=nobody").status_code == 404
 
     body = client.get("/api/v1/endpoints/tts").get_json()
-    assert body["usage"] == {"gpu_seconds": 12.5}
+    assert body["usage"]["gpu_seconds"] == 12.5 and body["usage"]["cost"] == 0  # never ready: not billed
     assert [i["id"] for i in body["instances"]] == ["xykemlvy", "aaaaaaaa"]
     assert body["instances"][0]["address"] == "127.0.0.1:4000"
     assert client.get("/api/v1/endpoints/tts/instances").get_json()["instances"][0]["id"] == "xykemlvy"

@@ -121,7 +121,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         install_sqlite_pragmas(db.engine)
     csrf.init_app(app)
 
-    from webapp import api, auth, hosts, projects, registry, request_guard, ui
+    from webapp import api, auth, hosts, projects, prometheus, registry, request_guard, ui
 
     request_guard.install(app, api_error)
     auth.init_app(app)  # after the request guard: a refused Host or URL is answered before sign-in
@@ -136,6 +136,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(projects.ui_bp)
     app.register_blueprint(projects.api_bp)
     csrf.exempt(projects.api_bp)
+    app.register_blueprint(prometheus.bp)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

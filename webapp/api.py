@@ -313,6 +313,54 @@ def logs(name: str):
     return {"lines": endpoint_logs(endpoint, instance_id, count)}
 
 
+@bp.get("/endpoints/<name>/logs/<instance_id>.log")
+@access(VIEWER)
+def download_instance_log(name: str, instance_id: str):
+    """One instance's whole log as a text file (its rotated parts joined, oldest first)."""
+    from flask import Response
+
+    from webapp.logs_export import instance_log_chunks
+
+    endpoint = get_endpoint(name)
+    instance = next((i for i in endpoint.instances if i.id == instance_id), None)
+    if instance is None:
+        return error(404, f"endpoint {name!r} has no instance {instance_id!r}")
+    return Response(instance_log_chunks(instance), mimetype="text/plain",
+                    headers={"Content-Disposition": f'attachment; filename="{name}-{instance.id}.log"'})
+
+
+@bp.get("/endpoints/<name>/logs.tar.gz")
+@access(VIEWER)
+def download_logs(name: str):
+    """Every instance's log of the endpoint as a .tar.gz, e.g. before terminating it (which deletes them)."""
+    from flask import Response
+
+    from webapp.logs_export import endpoint_archive, stream_file
+
+    endpoint = get_endpoint(name)
+    return Response(stream_file(endpoint_archive(endpoint)), mimetype="application/gzip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}-logs.tar.gz"'})
+
+
+@bp.get("/endpoints/<name>/metrics")
+@access(VIEWER)
+def endpoint_metrics(name: str):
+    """Request rate, latency p50/p95/p99, error rate, instances over time with their cold starts,
+    and CPU, memory and GPU use per instance (?range=1h|24h|7d), for charts."""
+    import time
+
+    from common.metrics_store import RANGES
+    from webapp.charts import DEFAULT_RANGE
+    from webapp.charts import endpoint_metrics as metrics_of
+
+    endpoint = get_endpoint(name)
+    range_name = request.args.get("range") or DEFAULT_RANGE
+    if range_name not in RANGES:
+        problem = f"range must be one of {', '.join(RANGES)}, got {range_name[:20]!r}"
+        return error(400, problem, {"range": problem})
+    return metrics_of(db.session, endpoint, range_name, time.time())
+
+
 @bp.post("/endpoints/<name>/keys")
 @access(DEVELOPER)
 def create_key(name: str):

@@ -37,7 +37,8 @@ from webapp.views_common import SECRET_MASK
 # The form fields whose text goes to validate_spec as it is (the spec's own name and unit).
 PLAIN_FIELDS = tuple(f.name for f in SPEC if f.kind not in (ENV, ROUTES, BOOL) and not f.form_unit)
 SECTION_TITLES = {"endpoint": "Endpoint", "source": "Source", "routes": "Routes", "resources": "Resources",
-                  "scaling": "Scaling", "health": "Health check", "traffic": "Traffic"}
+                  "scaling": "Scaling", "autoscaling": "Auto-scaling", "health": "Health check",
+                  "traffic": "Traffic"}
 # Spec error keys that belong to a differently named form field.
 SPEC_TO_FORM = {**{f.name: f.form_name for f in SPEC if f.form_unit}, "env": "env_plain", "routes": "routes_json"}
 

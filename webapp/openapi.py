@@ -19,6 +19,7 @@ from flask import Flask
 from common.models import ENDPOINT_STATES, MAX_ROW_ID
 from common.spec_fields import BY_NAME, ENVIRONMENTS
 from webapp import MAX_JSON_BODY_BYTES
+from common.metrics_store import RANGES
 from webapp.listing import DEFAULT_LIMIT, MAX_LIMIT
 from webapp import openapi_accounts
 from webapp.auth import PUBLIC, SIGNED_IN, VIEWER, view_level
@@ -69,6 +70,8 @@ class Operation:
     body_limit: bool = True
     # The schema of its error answers, where they say more than an Error does (apply's outcome).
     error_schema: dict = field(default_factory=lambda: ref("Error"))
+    # The media type of its successful answers (a download is not JSON).
+    ok_media: str = JSON
 
 
 def _query(name: str, schema: dict, description: str) -> dict:
@@ -138,6 +141,19 @@ OPERATIONS: dict[str, Operation] = {
         query=(_query("instance", {"type": "string"}, "One instance's lines only."),
                _query("lines", {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LINES, "default": 200},
                       "How many lines, at most."))),
+    "api.download_instance_log": Operation(
+        "Download an instance's log", "endpoints",
+        {200: ("The log as text (an attachment).", {"type": "string"})},
+        {404: "No such endpoint, or it has no such instance."}, ok_media="text/plain"),
+    "api.download_logs": Operation(
+        "Download every instance's log as an archive", "endpoints",
+        {200: ("A .tar.gz: <name>-logs/<instance>.log for each instance, and instances.tsv.",
+               {"type": "string", "contentMediaType": "application/gzip"})}, ok_media="application/gzip"),
+    "api.endpoint_metrics": Operation(
+        "An endpoint's metrics over a range", "endpoints", {200: ("One value per point, oldest first.",
+                                                                   ref("EndpointMetrics"))},
+        query=(_query("range", {"type": "string", "enum": list(RANGES), "default": "1h"},
+                      "1h (a point a minute), 24h (5 minutes), 7d (an hour)."),)),
     "api.create_key": Operation(
         "Create an API key", "keys", {201: ("The key, shown this once.", ref("NewApiKey"))},
         {409: "The endpoint is terminated."}, body={JSON: ref("ApiKeyRequest")}, body_required=False),
@@ -192,6 +208,8 @@ PATH_PARAMETERS = {
                           "The endpoint's name."}),
     "action": lambda tag: {"schema": {"type": "string", "enum": list(ACTIONS)}},
     "key_id": lambda tag: {"schema": ROW_ID, "description": "The key's id."},
+    "instance_id": lambda tag: {"schema": {"type": "string", "minLength": 1, "maxLength": 16},
+                                "description": "The instance's id, e.g. xykemlvy."},
     "number": lambda tag: {"schema": ROW_ID, "description": "The version's number."},
     "operation": lambda tag: {"schema": {"type": "string", "enum": ["drain", "undrain"]}},
     **{name: (lambda tag, p=parameter: p) for name, parameter in openapi_accounts.PATH_PARAMETERS.items()},
@@ -230,7 +248,7 @@ def _responses(operation: Operation, method: str, has_path_params: bool, level: 
     if level not in (VIEWER, SIGNED_IN, PUBLIC):  # a role the caller may lack (webapp/auth.py)
         statuses.add(403)
     statuses |= set(operation.errors)
-    responses = {str(status): {"description": when, "content": {JSON: {"schema": schema}}}
+    responses = {str(status): {"description": when, "content": {operation.ok_media: {"schema": schema}}}
                  for status, (when, schema) in operation.ok.items()}
     for status in sorted(statuses):
         when = operation.errors.get(status) or ERRORS[status]

@@ -100,6 +100,12 @@ def _instance() -> dict:
         "gpus": array({"type": "integer"}), "gpu_type": {"type": "string"},
         "created_at": TIMESTAMP, "started_at": TIMESTAMP, "ready_at": TIMESTAMP, "stopped_at": TIMESTAMP,
         "gpu_seconds": {"type": "number", "minimum": 0, "description": "Billed: GPU count x (stopped - ready)."},
+        "price_per_hour": {"type": ["number", "null"], "minimum": 0,
+                           "description": "Its price per hour, fixed when it became ready; null: never ready."},
+        "billed_seconds": {"type": "number", "minimum": 0,
+                           "description": "Ready -> stopped (now while it runs); queued and starting time is never "
+                                          "billed."},
+        "cost": {"type": "number", "minimum": 0, "description": "price_per_hour x billed_seconds / 3600."},
         "queue_position": {**count, "description": "Place in the GPU queue while queued."},
         "reason": {"type": "string", "description": "What the readiness probe last saw, or why it failed."},
     })
@@ -116,7 +122,14 @@ def _endpoint_state() -> dict[str, dict]:
         "purge_at": {**TIMESTAMP, "description": "When a stopped endpoint is purged."},
         "workflow_id": {"type": "string", "description": "endpoint-<name>, for the Temporal CLI."},
         "has_api_keys": {"type": "boolean"},
-        "usage": obj({"gpu_seconds": {"type": "number", "minimum": 0}}),
+        "usage": obj({
+            "gpu_seconds": {"type": "number", "minimum": 0},
+            "billed_seconds": {"type": "number", "minimum": 0, "description": "Ready -> stopped of every instance."},
+            "cost": {"type": "number", "minimum": 0, "description": "Running total of its instances' cost."},
+            "cost_this_month": {"type": "number", "minimum": 0, "description": "The part billed this month (UTC)."},
+            "currency": {"type": "string"},
+            "running": {"type": "boolean", "description": "An instance is billed now: the cost grows."},
+        }, description="What it cost (README.md \"Cost\"): billed from ready to stopped, never queued or starting."),
         "instances": array(ref("Instance")),
     }
 
@@ -229,6 +242,28 @@ def _registry() -> dict[str, dict]:
     }
 
 
+def _metrics() -> dict:
+    number = {"type": ["number", "null"]}
+    series = array(number)
+    usage = obj({name: series for name in ("cpu", "memory", "gpu", "gpu_memory")})
+    return obj({
+        "range": {"type": "string"}, "step_seconds": {"type": "integer", "minimum": 1},
+        "ranges": array({"type": "string"}),
+        "t": {**array({"type": "integer"}), "description": "Each point's start, unix seconds."},
+        "requests": array({"type": "integer", "minimum": 0}),
+        "requests_per_second": array({"type": "number", "minimum": 0}),
+        "error_rate_percent": {**series, "description": "5xx answers, % of requests; null without requests."},
+        "latency_ms": obj({"p50": series, "p95": series, "p99": series}),
+        "queue_wait_ms": obj({"p95": series}),
+        "cold_start_requests": array({"type": "integer", "minimum": 0}),
+        "instances": {**array({"type": "integer", "minimum": 0}), "description": "Instances serving in each point."},
+        "cold_starts": array(obj({"at": {"type": "number"}, "instance_id": {"type": "string"},
+                                  "seconds": number})),
+        "usage": {"type": "object", "additionalProperties": usage,
+                  "description": "Instance id -> CPU, memory, GPU and GPU memory %, one per point."},
+    }, description="The endpoint page's charts (README.md \"Metrics\").")
+
+
 def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
     """Every schema of the document; `request_bounds` narrows request fields (see spec_field_schema)."""
     key = {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 64}, "prefix": {"type": "string"},
@@ -262,6 +297,7 @@ def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
         "Event": obj({"at": TIMESTAMP, "kind": {"type": "string"}, "instance_id": {"type": ["string", "null"]},
                       "message": {"type": "string"}}),
         "EventList": obj({"events": array(ref("Event"))}),
+        "EndpointMetrics": _metrics(),
         "LogLines": obj({"lines": array(obj({"instance_id": {"type": "string"}, "line": {"type": "string"}}))}),
         "ActionAccepted": obj({"action": {"type": "string", "enum": list(ACTIONS)}, "accepted": {"const": True},
                                "request_id": {"type": "string"}}),

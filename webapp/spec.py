@@ -224,8 +224,19 @@ def _routes(value: Any) -> list:
     return routes
 
 
+def _warm_windows(text: str) -> str:
+    from workflows.warm_windows import parse
+
+    try:
+        parse(text)
+    except ValueError as exc:
+        raise _Invalid(f"{exc}") from None
+    return text
+
+
 # Checks of a field's content beyond its kind and limits.
-_CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir}
+_CONTENT: dict[str, Callable[[str], Any]] = {"health_path": _health_path, "source_dir": _source_dir,
+                                             "warm_windows": _warm_windows}
 
 
 def _names(f) -> Callable[[Any], list]:
@@ -470,6 +481,8 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
     if low_n is not None and high_n is not None and high_n < low_n:
         errors["max_instances"] = f"max_instances ({high_n}) must be at least min_instances ({low_n})"
 
+    _check_autoscaling(clean, errors)
+
     version_id = clean.get("model_version_id")
     if version_id and session is not None:
         from common.models import ModelVersion
@@ -513,6 +526,28 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
         problem = check_request_fits(inventory, clean["gpu_type"], gpu_count)
         if problem:
             errors["gpu_count"] = problem
+
+
+AUTOSCALE_TARGETS = ("target_concurrency", "target_cpu_percent", "target_memory_percent", "target_gpu_percent")
+
+
+def _check_autoscaling(clean: dict, errors: dict) -> None:
+    """Auto-scaling needs something to scale on; a GPU target needs GPUs to measure; a warm
+    window keeps no more than max instances."""
+    if clean.get("warm_windows") and clean.get("max_instances") and "warm_windows" not in errors:
+        from workflows.warm_windows import parse
+
+        try:
+            parse(clean["warm_windows"], clean["max_instances"])
+        except ValueError as exc:
+            errors["warm_windows"] = f"warm_windows {exc}"
+    if clean.get("autoscaling") and not any(clean.get(t) for t in AUTOSCALE_TARGETS) \
+            and not any(t in errors for t in AUTOSCALE_TARGETS):
+        errors["target_concurrency"] = ("autoscaling needs a target: set target_concurrency (in-flight requests per "
+                                        "instance) or a target CPU, memory or GPU %, or turn autoscaling off")
+    if clean.get("target_gpu_percent") and not clean.get("gpu_count") and "target_gpu_percent" not in errors:
+        errors["target_gpu_percent"] = ("target_gpu_percent needs GPUs to measure: set gpu_type and gpu_count, "
+                                        "or use target_cpu_percent")
 
 
 def _hosts_known(session) -> bool:

@@ -1,6 +1,8 @@
 """Server-rendered UI: endpoint list, create (form -> review -> confirm), detail, edit, actions, keys."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy.exc import IntegrityError
@@ -28,18 +30,55 @@ from webapp.views_common import (
     create_endpoint_row,
     endpoint_url,
     get_endpoint,
+    instance_json,
     iso,
     perform_action,
     previous_still_finishing,
     project_name,
     recent_events,
+    usage_json,
 )
 from workflows.contracts import ERR_REPLICA_QUOTA
+from workflows.warm_windows import describe as describe_window
+from workflows.warm_windows import safe_parse
 
 bp = Blueprint("ui", __name__)
 UI_ACTIONS = ("stop", "restart", "wake", "scale-out")
 # The UI does not hold a page for a whole cold start: scale-out keeps going in the workflow.
 UI_UPDATE_WAIT_SECONDS = 15.0
+
+
+@bp.app_template_filter("money")
+def money_filter(value) -> str:
+    """A cost as the pages show it: 4 decimals below 1 (a few seconds of a GPU), else 2."""
+    amount = float(value or 0.0)
+    return f"{amount:,.4f}" if amount < 1 else f"{amount:,.2f}"
+
+
+@bp.app_template_filter("duration")
+def duration_filter(seconds) -> str:
+    seconds = int(seconds or 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+@bp.app_template_filter("clock")
+def clock_filter(unix_seconds) -> str:
+    """A point's start in the tables: UTC, to the minute (the day too when not today)."""
+    at = datetime.fromtimestamp(float(unix_seconds), tz=timezone.utc)
+    today = datetime.now(timezone.utc).date() == at.date()
+    return at.strftime("%H:%M:%S UTC" if today else "%Y-%m-%d %H:%M UTC")
+
+
+@bp.app_template_filter("ms")
+def ms_filter(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+@bp.app_template_filter("pct")
+def pct_filter(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 @bp.app_template_filter("when")
@@ -123,9 +162,11 @@ def list_endpoints():
 
 
 def _endpoint_list(page: Page, query: ListQuery, problems: dict[str, str]):
+    now = datetime.now(timezone.utc)
     return render_template("endpoints.html", page=page, query=query, problems=problems, args=request.args,
                            statuses=ENDPOINT_STATES, environments=ENVIRONMENTS, default_limit=UI_DEFAULT_LIMIT,
-                           projects=my_projects(), quota=quota_json, project_name=project_name)
+                           projects=my_projects(), quota=quota_json, project_name=project_name,
+                           usage_of=lambda endpoint: usage_json(endpoint, now))
 
 
 @bp.get("/docs/api")
@@ -237,6 +278,7 @@ def confirm_endpoint():
 
 
 def _detail_context(endpoint: Endpoint) -> dict:
+    now = datetime.now(timezone.utc)
     keys = api_keys.active_keys(db.session, endpoint)
     url = endpoint_url(endpoint)
     role = role_in(endpoint.project_id)
@@ -254,15 +296,31 @@ def _detail_context(endpoint: Endpoint) -> dict:
         "can_terminate": endpoint.status != TERMINATED,
         "action_form": ActionForm(),
         "key_form": ApiKeyForm(),
-        "usage": sum(i.gpu_seconds or 0.0 for i in endpoint.instances),
+        "usage": usage_json(endpoint, now),
+        "instance_usage": {i.id: instance_json(i, now) for i in endpoint.instances},
+        "prices_configured": settings().price_list.configured,
+        "log_max_mib": settings().log_max_bytes // (1024 * 1024), "log_keep": settings().log_keep,
+        "warm_windows": [describe_window(w, now) for w in safe_parse(endpoint.warm_windows or "")],
     }
 
 
 @bp.get("/endpoints/<name>")
 @access(VIEWER)
 def show_endpoint(name: str):
-    """Detail page: status, instances, events, connect panel, logs, keys."""
-    return render_template("detail.html", **_detail_context(get_endpoint(name)))
+    """Detail page: status, instances, events, metrics (?range=1h|24h|7d), connect panel, logs, keys."""
+    import time
+
+    from common.metrics_store import RANGES
+    from webapp.charts import DEFAULT_RANGE, endpoint_metrics, table_rows, usage_rows
+
+    endpoint = get_endpoint(name)
+    range_name = request.args.get("range") or DEFAULT_RANGE
+    if range_name not in RANGES:
+        flash(f"range must be one of {', '.join(RANGES)}; showing {DEFAULT_RANGE}.", "error")
+        range_name = DEFAULT_RANGE
+    metrics = endpoint_metrics(db.session, endpoint, range_name, time.time())
+    return render_template("detail.html", metrics=metrics, metric_rows=table_rows(metrics),
+                           usage_rows=usage_rows(metrics), **_detail_context(endpoint))
 
 
 @bp.get("/endpoints/<name>/panel")

@@ -85,7 +85,10 @@ def public_env(env: list[dict]) -> list[dict]:
     ]
 
 
-def instance_json(instance: Instance) -> dict:
+def instance_json(instance: Instance, now: datetime | None = None) -> dict:
+    from common.cost import instance_usage, price_of
+
+    usage = instance_usage(instance, now or datetime.now(timezone.utc), settings().price_list)
     return {
         "id": instance.id,
         "status": instance.status,
@@ -97,13 +100,27 @@ def instance_json(instance: Instance) -> dict:
         "started_at": iso(instance.started_at),
         "ready_at": iso(instance.ready_at),
         "stopped_at": iso(instance.stopped_at),
-        "gpu_seconds": round(instance.gpu_seconds or 0.0, 3),
+        "gpu_seconds": round(usage.gpu_seconds, 3),
+        "price_per_hour": price_of(instance, settings().price_list),
+        "billed_seconds": round(usage.billed_seconds, 3),
+        "cost": round(usage.cost, 6),
         "queue_position": instance.queue_position,
         "reason": instance.reason,
     }
 
 
+def usage_json(endpoint: Endpoint, now: datetime) -> dict:
+    """An endpoint's billed time and cost (README.md "Cost"), in all and this month."""
+    from common.cost import endpoint_usage
+
+    usage = endpoint_usage(endpoint.instances, now, settings().price_list)
+    return {"gpu_seconds": round(usage.gpu_seconds, 3), "billed_seconds": round(usage.billed_seconds, 3),
+            "cost": round(usage.cost, 6), "cost_this_month": round(usage.month_cost, 6),
+            "currency": settings().currency, "running": usage.running}
+
+
 def endpoint_json(endpoint: Endpoint, with_instances: bool = True) -> dict:
+    now = datetime.now(timezone.utc)
     body: dict[str, Any] = {field: getattr(endpoint, field) for field in SPEC_FIELDS}
     body["env"] = public_env(endpoint.env)
     body.update(
@@ -118,10 +135,10 @@ def endpoint_json(endpoint: Endpoint, with_instances: bool = True) -> dict:
         purge_at=iso(endpoint.purge_at),
         workflow_id=endpoint.workflow_id,
         has_api_keys=any(key.revoked_at is None for key in endpoint.api_keys),
-        usage={"gpu_seconds": round(sum(i.gpu_seconds or 0.0 for i in endpoint.instances), 3)},
+        usage=usage_json(endpoint, now),
     )
     if with_instances:
-        body["instances"] = [instance_json(i) for i in endpoint.instances]
+        body["instances"] = [instance_json(i, now) for i in endpoint.instances]
     return body
 
 

@@ -34,6 +34,7 @@ from common.models import (
     Event,
     Host,
     Instance,
+    MetricPoint,
 )
 from common.routes import RUNTIME_HEALTH_PATH
 from common.secrets import SecretsKeyError, box_for, reveal_env
@@ -59,6 +60,8 @@ from workflows.activity_types import (
     StartInstanceInput,
     StartInstanceResult,
     StopInstanceInput,
+    WarmWindowsInput,
+    WarmWindowsResult,
 )
 from workflows.contracts import GPU_POOL_WORKFLOW, gpu_pool_workflow_id
 
@@ -120,6 +123,7 @@ class StandbyActivities:
             self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
             self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
             self.purge_endpoint, self.hosts_last_seen, self.record_host_state, self.project_gpu_quotas,
+            self.warm_windows_now,
         ]
 
     def host_bound(self) -> list:
@@ -196,6 +200,9 @@ class StandbyActivities:
                 value = getattr(rec, name)
                 if value is not None:
                     setattr(inst, name, _ts(value))
+            if rec.ready_at is not None and inst.price_per_hour is None:
+                # Billed from now on at today's price (common/cost.py): GPUs as granted.
+                inst.price_per_hour = self.settings.price_list.per_hour(inst.gpu_type, len(inst.gpus or []))
             if rec.status != I_QUEUED:
                 inst.queue_position = None
             if rec.status in (I_STOPPED, I_FAILED):
@@ -266,6 +273,7 @@ class StandbyActivities:
         ready_at = time.time() if result.ready else None
         reason = result.reason
         if result.ready:
+            _observe_start(inp.endpoint, ready_at - launched["started_at"])
             self.record_instance(InstanceRecord(
                 inp.endpoint, inp.instance_id, "ready", ready_at=ready_at, reason="", event_kind="instance_ready",
                 event_message=f"instance {inp.instance_id} ready in {result.seconds:.2f}s at {launched['address']} "
@@ -438,6 +446,16 @@ class StandbyActivities:
             if host is not None:
                 host.state, host.state_reason = rec.state, rec.reason
 
+    # ------------------------------------------------------------ warm windows
+    @activity.defn
+    def warm_windows_now(self, inp: WarmWindowsInput) -> WarmWindowsResult:
+        """workflows/warm_windows.py `evaluate`, outside the workflow: its answer (which depends on
+        the tz database) is recorded in the workflow's history."""
+        from workflows.warm_windows import evaluate
+
+        instances, open_windows, next_change = evaluate(inp.text, inp.now, inp.max_instances)
+        return WarmWindowsResult(instances, open_windows, next_change)
+
     # ------------------------------------------------------------ purge
     @activity.defn
     def purge_endpoint(self, inp: PurgeInput) -> None:
@@ -450,6 +468,7 @@ class StandbyActivities:
                 remove_instance_files(self.settings, iid)
             session.execute(delete(Instance).where(Instance.endpoint_id == e.id))
             session.execute(delete(Event).where(Event.endpoint_id == e.id))
+            session.execute(delete(MetricPoint).where(MetricPoint.endpoint_id == e.id))
             # Keep a tombstone so the UI can say what happened; secrets go with the rest.
             e.env = [{"key": item["key"], "value": "", "secret": bool(item.get("secret"))} for item in (e.env or [])]
             e.status = TERMINATED
@@ -457,6 +476,20 @@ class StandbyActivities:
             e.queue_position = None
             e.status_updated_at = datetime.now(timezone.utc)
             session.add(Event(endpoint_id=e.id, kind="terminated", message=f"purged: {inp.reason}"))
+
+
+_START_SECONDS = None
+
+
+def _observe_start(endpoint: str, seconds: float) -> None:
+    """The worker's Prometheus histogram of cold starts: launch until ready (workers/worker.py)."""
+    global _START_SECONDS
+    from prometheus_client import Histogram
+
+    if _START_SECONDS is None:
+        _START_SECONDS = Histogram("standby_instance_cold_start_seconds", "Instance starts: launch until ready",
+                                   ["endpoint"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+    _START_SECONDS.labels(endpoint).observe(max(0.0, seconds))
 
 
 @contextmanager

@@ -78,8 +78,10 @@ def prepare_workdir(settings: Settings, instance_id: str, source_dir: str | Path
 def remove_instance_files(settings: Settings, instance_id: str) -> None:
     """Purge: the workdir, the backend state and the log. Missing files are fine."""
     _remove_tree(instance_dir_for(settings, instance_id))
+    from workers.log_rotation import log_parts
+
     for path in (state_path_for(settings, instance_id), stopped_state_path_for(settings, instance_id),
-                 log_path_for(settings, instance_id)):
+                 *log_parts(log_path_for(settings, instance_id))):
         path.unlink(missing_ok=True)
 
 

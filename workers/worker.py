@@ -15,7 +15,9 @@ from common.db import Database
 from workers.activities import StandbyActivities
 from workers.exit_watch import unstick, watch_exits
 from workers.host import heartbeat_forever, host_info, join_pool, record_host
+from workers.log_rotation import rotate_forever
 from workers.reaper import reap
+from workers.usage import UsageSampler
 from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
@@ -25,6 +27,22 @@ log = logging.getLogger(__name__)
 STICKY_TIMEOUT_SECONDS = 1.0
 # GpuPoolWorkflow: the per-host GPU queue of instances started before pools (workflows/gpu_pool.py).
 WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, PoolWorkflow, GpuPoolWorkflow]
+
+
+def serve_metrics(settings: Settings) -> None:
+    """Prometheus text at http://<bind>:STANDBY_WORKER_METRICS_PORT/metrics (0: off): instances'
+    CPU, memory and GPU use, cold starts. A port in use is logged, not fatal: the worker's job
+    is its instances."""
+    from prometheus_client import start_http_server
+
+    if settings.worker_metrics_port <= 0:
+        return
+    try:
+        start_http_server(settings.worker_metrics_port, addr=settings.bind)
+        log.info("worker metrics on http://%s:%d/metrics", settings.bind, settings.worker_metrics_port)
+    except OSError as err:
+        log.warning("worker metrics not served on port %d (%s); set STANDBY_WORKER_METRICS_PORT",
+                    settings.worker_metrics_port, err)
 
 
 async def connect(settings: Settings) -> Client:
@@ -63,6 +81,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
         log.info("took over %d running instance(s); %d workflow(s) unstuck from the previous worker",
                  len(survivors), unstuck)
     acts = StandbyActivities(settings, db, backend, client)
+    serve_metrics(settings)
     stop = stop or asyncio.Event()
     with ThreadPoolExecutor(max_workers=64, thread_name_prefix="activity") as pool:
         main = Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS, activities=acts.all(),
@@ -79,8 +98,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, *, s
                      settings.backend)
             watcher = asyncio.create_task(watch_exits(backend, client, stop))
             beats = asyncio.create_task(heartbeat_forever(db, settings, stop))
+            sampler = asyncio.create_task(UsageSampler(settings, db, backend, client).run_forever(stop))
+            rotator = asyncio.create_task(rotate_forever(settings.logs_dir, settings.log_max_bytes, settings.log_keep,
+                                                         stop))
             await stop.wait()
-            await asyncio.gather(watcher, beats)
+            await asyncio.gather(watcher, beats, sampler, rotator)
     if stop_instances_on_exit and hasattr(backend, "stop_all"):
         # `app.py up` is one machine's whole system: Ctrl-C leaves no instance behind. Their
         # workflows find them gone on the next start and record or replace them.

@@ -212,3 +212,19 @@ class HostStateRecord:
 @dataclass
 class HostsSeenInput:
     names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WarmWindowsInput:
+    text: str
+    now: float
+    max_instances: int
+
+
+@dataclass
+class WarmWindowsResult:
+    """workflows/warm_windows.py `evaluate`: instances kept now, the open windows, the next change."""
+
+    instances: int = 0
+    open_windows: list[str] = field(default_factory=list)
+    next_change: float | None = None

@@ -23,6 +23,8 @@ SIGNAL_WAKE = "wake"
 SIGNAL_TRAFFIC = "traffic"
 SIGNAL_SCALE = "scale"
 SIGNAL_SPEC_CHANGED = "spec_changed"
+# From a worker: CPU, memory and GPU samples of the endpoint's instances (UsageReport).
+SIGNAL_USAGE = "usage"
 # Updates of EndpointWorkflow (the caller waits for the answer).
 UPDATE_WAKE = "wake_until_ready"
 UPDATE_SCALE_OUT = "scale_out"

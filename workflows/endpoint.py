@@ -16,6 +16,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from common.models import I_DRAINING, I_FAILED, I_READY, I_STOPPED
+    from workflows import autoscale as asc
     from workflows import lifecycle as lc
     from workflows.activity_types import (
         EndpointStatusUpdate,
@@ -24,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
         LifecycleSpec,
         LoadSpecInput,
         PurgeInput,
+        WarmWindowsInput,
+        WarmWindowsResult,
     )
     from workflows.contracts import (
         ERR_NOT_SERVING,
@@ -36,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_STOP,
         SIGNAL_TERMINATE,
         SIGNAL_TRAFFIC,
+        SIGNAL_USAGE,
         SIGNAL_WAKE,
         UPDATE_SCALE_OUT,
         UPDATE_WAKE,
@@ -70,6 +74,8 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 MAX_TIMER_SECONDS = 366 * 24 * 3600.0
 # workflow.patched ids: changes of behaviour that running histories must replay without.
 PATCH_SPEC_TO_INSTANCES = "spec-to-instances"
+PATCH_AUTOSCALE = "autoscale"
+PATCH_WARM_WINDOWS = "warm-windows"
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -168,12 +174,20 @@ class EndpointWorkflow:
                     state.restart_pending = False
                     for _ in range(min(state.restart_target, state.spec.max_instances)):
                         self._plan_instance()
+            if (state.spec.warm_windows or state.warm) and workflow.patched(PATCH_WARM_WINDOWS):
+                await self._warm_windows(now)
+            autoscaling = state.spec.autoscaling and workflow.patched(PATCH_AUTOSCALE)
+            if autoscaling:
+                await self._autoscale(now)
             for _ in range(lc.wanted_new_instances(state)):
                 if not await self._undrain_one():
                     self._plan_instance()
             drain, _ = lc.idle_to_drain(state, now)
             for iid in drain:
                 await self._begin_drain(state.instances[iid])
+            if autoscaling:
+                for iid in lc.autoscale_surplus(state, now):
+                    await self._begin_drain(state.instances[iid], "the autoscaler needs fewer instances")
             release, _ = lc.drained(state, now)
             for iid in release:
                 await self._release(state.instances[iid], "idle")
@@ -188,6 +202,35 @@ class EndpointWorkflow:
             await self._event(kind, message)
         await self._publish()
         lc.prune(state, now)
+
+    async def _warm_windows(self, now: float) -> None:
+        """Warm windows (workflows/warm_windows.py): the instances they keep now, an event when one
+        opens or closes, and a timer on the next change (in _next_deadline). Worked out by a local
+        activity, only when the text changed or the next change has come."""
+        state = self.state
+        text = state.spec.warm_windows or ""
+        if text == state.warm_text and (state.warm_next is None or now < state.warm_next):
+            return
+        result: WarmWindowsResult = await workflow.execute_local_activity(
+            "warm_windows_now", WarmWindowsInput(text, now, state.spec.max_instances), result_type=WarmWindowsResult,
+            **DB_WRITE)
+        for line in result.open_windows:
+            if line not in state.warm_open:
+                await self._event("warm_window", f"warm window open: {line} (keeping {result.instances} warm)")
+        for line in state.warm_open:
+            if line not in result.open_windows:
+                await self._event("warm_window", f"warm window closed: {line} (idle instances beyond "
+                                                 f"{max(result.instances, state.spec.min_instances)} go after "
+                                                 f"the idle retention)")
+        state.warm, state.warm_open, state.warm_next = result.instances, result.open_windows, result.next_change
+        state.warm_text = text
+
+    async def _autoscale(self, now: float) -> None:
+        """Ask the autoscaler (workflows/autoscale.py) how many instances to have; a changed answer
+        is an `autoscale` event naming its inputs. The loop then starts or drains instances."""
+        decision = asc.decide(self.state.autoscale, lc.autoscale_inputs(self.state, now))
+        if decision.changed:
+            await self._event("autoscale", decision.message)
 
     async def _tell_instances(self, spec: LifecycleSpec) -> None:
         """Live changes (health checks, timeouts) reach the running instances' workflows now,
@@ -208,6 +251,9 @@ class EndpointWorkflow:
             lc.drained(state, now)[1],
             lc.next_stale_report(state, now),
             state.purge_at if state.desired == lc.WANT_STOPPED else None,
+            asc.next_look(state.autoscale, lc.autoscale_inputs(state, now))
+            if state.spec.autoscaling and state.desired == lc.SERVING else None,
+            state.warm_next if state.desired == lc.SERVING else None,
         ]
         ended = [v.ended_at + 61 for v in state.instances.values() if v.ended_at is not None]
         times.extend(ended)
@@ -248,14 +294,14 @@ class EndpointWorkflow:
             return True
         return False
 
-    async def _begin_drain(self, view: lc.InstanceView) -> None:
+    async def _begin_drain(self, view: lc.InstanceView, why: str = "") -> None:
         view.status = I_DRAINING
         view.draining_since = self._now()
+        why = why or f"idle for {self.state.spec.idle_retention_seconds}s"
         # The proxy stops routing to it once its view refreshes; the drain grace covers that.
         await workflow.execute_local_activity(
             "record_instance", InstanceRecord(self.name, view.id, I_DRAINING, event_kind="instance_draining",
-                                              event_message=f"instance {view.id} idle for "
-                                                            f"{self.state.spec.idle_retention_seconds}s: draining"),
+                                              event_message=f"instance {view.id} {why}: draining"),
             **DB_WRITE)
 
     async def _release(self, view: lc.InstanceView, reason: str) -> None:
@@ -355,6 +401,16 @@ class EndpointWorkflow:
         previous = self.state.traffic.get(report.reporter)
         if previous is None or report.seq > previous.seq:
             self.state.traffic[report.reporter] = report
+            lc.observe_traffic_load(self.state, report)
+            self._dirty = True
+
+    @workflow.signal(name=SIGNAL_USAGE)
+    def usage(self, report: asc.UsageReport) -> None:
+        """A worker's CPU, memory and GPU samples of this endpoint's instances (workers/usage.py)."""
+        if self._early_or(self.usage, report):
+            return
+        if self.state.spec.autoscaling:
+            asc.observe_usage(self.state.autoscale, report)
             self._dirty = True
 
     @workflow.signal(name=SIGNAL_SCALE)

@@ -28,6 +28,7 @@ from common.models import (
 )
 from common.spec_fields import BY_NAME, LIFECYCLE, read_by
 from common.spec_fields import LIVE as LIVE_EDIT
+from workflows import autoscale as asc
 from workflows.activity_types import LifecycleSpec
 from workflows.traffic_types import TrafficReport
 
@@ -109,6 +110,14 @@ class EndpointState:
     deaths: list[float] = field(default_factory=list)
     # Pools that said none of their hosts is up, and when: new instances go elsewhere meanwhile.
     unavailable_pools: dict[str, float] = field(default_factory=dict)
+    # The autoscaler's observations and last answer (workflows/autoscale.py).
+    autoscale: asc.AutoscaleState = field(default_factory=asc.AutoscaleState)
+    # Warm windows (workflows/warm_windows.py): instances kept now, the open windows (their
+    # lines), when that next changes (the workflow's timer), and the text it was worked out for.
+    warm: int = 0
+    warm_open: list[str] = field(default_factory=list)
+    warm_next: float | None = None
+    warm_text: str = ""
 
 
 @dataclass
@@ -215,13 +224,60 @@ def wanted_new_instances(state: EndpointState) -> int:
     """How many instances to start now to honour min instances and a pending wake."""
     if state.desired != SERVING or state.restart_pending:
         return 0
-    want = state.spec.min_instances
+    want = max(state.spec.min_instances, autoscaled(state), state.warm)
     if state.wake_pending:
         want = max(want, 1)
     have = len(active(state))
     # Keeping a draining instance (the workflow's first choice) takes no new slot.
     room = state.spec.max_instances - len(live(state)) + len(undrainable(state))
     return max(0, min(want - have, room))
+
+
+# ---------------------------------------------------------------- autoscaling (workflows/autoscale.py)
+
+
+def autoscaled(state: EndpointState) -> int:
+    """The autoscaler's last answer, while autoscaling is on (else 0: nothing beyond min)."""
+    return state.autoscale.desired if getattr(state.spec, "autoscaling", False) else 0
+
+
+def autoscale_inputs(state: EndpointState, now: float) -> asc.Inputs:
+    spec, ready, serving = state.spec, routable(state), active(state)
+    return asc.Inputs(
+        now=now, min_instances=spec.min_instances, max_instances=spec.max_instances, ready=len(ready),
+        active=len(serving), target_concurrency=spec.target_concurrency, target_cpu_percent=spec.target_cpu_percent,
+        target_memory_percent=spec.target_memory_percent, target_gpu_percent=spec.target_gpu_percent,
+        window_seconds=float(spec.autoscale_window_seconds), scale_down_delay_seconds=float(spec.scale_down_delay_seconds),
+        ready_ids=tuple(v.id for v in ready), starting=len(serving) - len(ready))
+
+
+def autoscale_keep_seconds(state: EndpointState) -> float:
+    """How far back the autoscaler looks: its window or its scale-down delay, with a margin."""
+    return float(max(state.spec.autoscale_window_seconds, state.spec.scale_down_delay_seconds)) + 5.0
+
+
+def observe_traffic_load(state: EndpointState, report: TrafficReport) -> None:
+    """A proxy report, as load for the concurrency autoscaler (while autoscaling is on)."""
+    if not getattr(state.spec, "autoscaling", False):
+        return
+    current = sum(item.in_flight for item in report.instances) + report.held
+    asc.observe_load(state.autoscale, report.reporter, report.sent_at, report.load_seconds, current,
+                     autoscale_keep_seconds(state))
+
+
+def autoscale_surplus(state: EndpointState, now: float) -> list[str]:
+    """Serving instances beyond the autoscaler's answer, to drain: the fewest requests in flight
+    first, then the longest idle. Never the last instance, never below min instances."""
+    if state.desired != SERVING or not getattr(state.spec, "autoscaling", False):
+        return []
+    serving = active(state)
+    count = asc.surplus(state.autoscale.desired, max(state.spec.min_instances, state.warm), len(serving))
+    if count <= 0:
+        return []
+    traffic = aggregate_traffic(state, now)
+    candidates = sorted(routable(state), key=lambda v: (traffic.get(v.id, Traffic()).in_flight,
+                                                         last_activity(v, traffic), v.id))
+    return [v.id for v in candidates[:count]]
 
 
 def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | None]:
@@ -235,7 +291,8 @@ def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | 
     if state.desired != SERVING:
         return [], None
     traffic = aggregate_traffic(state, now)
-    keep = state.spec.min_instances
+    # What the autoscaler wants is kept like min instances; idle retention releases the rest.
+    keep = max(state.spec.min_instances, autoscaled(state), state.warm)
     candidates = []
     next_check: float | None = None
     for view in routable(state):
@@ -295,6 +352,7 @@ def prune(state: EndpointState, now: float, keep_seconds: float = 60.0) -> None:
         report.instances = [i for i in report.instances if i.instance_id in known]
     live_ids = set(state.instances)
     state.scale_outs = {k: v for k, v in state.scale_outs.items() if v in live_ids}
+    asc.forget(state.autoscale, now, autoscale_keep_seconds(state), {v.id for v in live(state)})
 
 
 @dataclass
@@ -321,6 +379,12 @@ class EndpointStatusView:
     min_instances: int
     max_instances: int
     instances: list[InstanceStatusView] = field(default_factory=list)
+    # The autoscaler's last answer and why (0 and "" while autoscaling is off).
+    autoscale_desired: int = 0
+    autoscale_reason: str = ""
+    # Instances the open warm windows keep, and those windows.
+    warm_instances: int = 0
+    warm_windows_open: list[str] = field(default_factory=list)
 
 
 def status_view(name: str, state: EndpointState | None, now: float) -> EndpointStatusView:
@@ -344,4 +408,8 @@ def status_view(name: str, state: EndpointState | None, now: float) -> EndpointS
                                v.ready_at, v.reason)
             for v in state.instances.values()
         ],
+        autoscale_desired=autoscaled(state),
+        autoscale_reason=state.autoscale.message if getattr(state.spec, "autoscaling", False) else "",
+        warm_instances=state.warm,
+        warm_windows_open=list(state.warm_open),
     )

@@ -27,3 +27,7 @@ class TrafficReport:
     instances: list[InstanceTraffic] = field(default_factory=list)
     # Requests held for an endpoint with no ready instance (cold start in progress).
     held: int = 0
+    # Request-seconds of this reporter's requests in flight or held, counted since the process
+    # started (it only grows): the concurrency autoscaler averages it over its windows
+    # (workflows/autoscale.py), so a report sent every second or every ten says the same load.
+    load_seconds: float = 0.0

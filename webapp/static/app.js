@@ -15,6 +15,11 @@
     });
   }
 
+  // As the server's `money` filter writes a cost (webapp/ui.py).
+  function money(amount) {
+    return amount < 1 ? amount.toFixed(4) : amount.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  }
+
   // Endpoint list: update status badges, queue positions and ready counts in place.
   var list = document.querySelector("[data-poll-endpoints]");
   if (list) {
@@ -27,6 +32,8 @@
           if (queue) queue.textContent = e.status === "queued" && e.queue_position ? "#" + e.queue_position + " in GPU queue" : "";
           var count = document.querySelector('[data-instances-for="' + e.name + '"]');
           if (count) count.textContent = e.instances.filter(function (i) { return i.status === "ready"; }).length + " ready";
+          var cost = document.querySelector('td[data-cost-for="' + e.name + '"]');
+          if (cost) cost.textContent = money(e.usage.cost_this_month) + " " + e.usage.currency;
         });
       }).catch(function () {});
     });

@@ -140,6 +140,17 @@ class DockerBackend:
                         started_at=_started_at(container), log_path=str(log_path),
                         workdir=str(workdir_for(self.settings, instance_id)))
 
+    def resource_usage(self, instance_id: str):
+        """CPU seconds and memory of the instance's container, from the engine (`docker stats`),
+        for the worker's usage sampler (workers/usage.py). None when it does not run."""
+        from workers.usage import RawUsage, docker_usage
+
+        running = [c for c in self._containers(check_instance_id(instance_id)) if c.status == "running"]
+        if not running:
+            return None
+        cpu, memory = docker_usage(running[0].stats(stream=False))
+        return RawUsage(cpu, memory)
+
     def running_endpoints(self) -> dict[str, str]:
         containers = self.client.containers.list(filters={
             "label": [f"{LABEL_DATA_DIR}={self.settings.data_dir}"], "status": "running"})

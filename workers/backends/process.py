@@ -355,6 +355,16 @@ class ProcessBackend:
         with self._lock_for(instance_id):
             self._stop_locked(instance_id, grace_seconds)
 
+    def resource_usage(self, instance_id: str):
+        """CPU seconds and resident memory of the instance's process tree, for the worker's
+        usage sampler (workers/usage.py). None when it does not run."""
+        from workers.usage import process_tree_usage
+
+        state = self._read_state(check_instance_id(instance_id))
+        if state is None or state.get("stopped") or not self._leader_alive(state):
+            return None
+        return process_tree_usage(int(state["pid"]))
+
     def running_instance_ids(self) -> list[str]:
         running = []
         for path in sorted(self.settings.instances_dir.glob("*.json")):
