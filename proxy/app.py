@@ -19,7 +19,9 @@ from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics, render
 from proxy.routing_view import RoutingView
 from proxy.lifecycle_client import LifecycleClient
+from proxy.server import ON_SHUTDOWN
 from proxy.traffic import ReporterSlot, TrafficTracker
+from proxy.websocket import Sockets
 
 log = logging.getLogger("standby.proxy")
 
@@ -43,6 +45,7 @@ class ProxyApp:
         self.coldstarts = ColdStarts(self.lifecycle, self.routing, self.balancer, self.tracker, self.metrics,
                                      outage_grace_seconds=settings.proxy_lifecycle_outage_seconds)
         self.forwarder = Forwarder(connect_timeout=settings.proxy_connect_timeout_seconds)
+        self.sockets = Sockets(self.routing, grace_seconds=settings.proxy_websocket_grace_seconds)
         self.handler = ProxyHandler(
             self.routing,
             self.coldstarts,
@@ -52,6 +55,7 @@ class ProxyApp:
             max_body_bytes=settings.proxy_max_body_bytes,
             keepalive_seconds=settings.proxy_sse_keepalive_seconds if keepalive_seconds is None else keepalive_seconds,
             body_timeout_seconds=settings.proxy_body_timeout_seconds,
+            sockets=self.sockets,
         )
         self._started = False
 
@@ -65,6 +69,8 @@ class ProxyApp:
         self.routing.refresh()
         gevent.spawn(self.routing.run_forever)
         gevent.spawn(self.tracker.run_forever)
+        gevent.spawn(self.sockets.run_forever)
+        ON_SHUTDOWN.append(self.sockets.going_away_all)
         self.lifecycle.start()
         healed = self.tracker.heal()
         if healed:

@@ -149,7 +149,17 @@ class StreamedResponse:
             # The client has the status line already: all that is left is to cut the stream.
             raise UpstreamFailed(f"instance stream broke: {exc}") from exc
 
+    def detach(self) -> tuple[UpstreamResponse, Callable[[], None]]:
+        """For a protocol switch (101): the instance's response, with its connection and whatever
+        it sent past the head, and the release of the claim; closing this does nothing after."""
+        resp, on_close = self._resp, self._on_close
+        self._on_close = None
+        self._resp = None
+        return resp, on_close
+
     def close(self) -> None:
+        if self._resp is None:
+            return
         try:
             self._resp.finish()
         finally:

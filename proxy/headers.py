@@ -11,7 +11,8 @@ def _header_name(environ_key: str) -> str:
     return environ_key[5:].replace("_", "-").title()
 
 
-def forward_headers(environ: dict, request_id: str, strip_authorization: bool) -> dict[str, str]:
+def forward_headers(environ: dict, request_id: str, strip_authorization: bool, upgrade: bool = False) -> dict[str, str]:
+    """`upgrade`: a WebSocket handshake, whose `Upgrade` and `Connection: Upgrade` go on."""
     drop = HOP_BY_HOP | PROXY_ONLY | connection_tokens(environ.get("HTTP_CONNECTION"))
     if strip_authorization:
         drop = drop | {"authorization"}
@@ -32,6 +33,9 @@ def forward_headers(environ: dict, request_id: str, strip_authorization: bool) -
     headers["X-Request-Id"] = request_id
     # Host names the instance; the client's stays in X-Forwarded-Host.
     headers.pop("Host", None)
+    if upgrade:
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = environ.get("HTTP_UPGRADE", "websocket")
     return headers
 
 

@@ -8,6 +8,10 @@
   the body timeout: refused at once, as an invalid chunk size.
 - **gunicorn's own error answers** (a request line over the limit, malformed headers) are HTML;
   here they are JSON like every other answer of the proxy (README "Calling an endpoint").
+
+And one thing WSGI has no word for: a protocol switch. A WebSocket handshake that the instance
+accepts takes the client's socket over (`take_over`, proxy/websocket.py); the app then answers
+`TAKEN_OVER`, and the connection is the relay's until it closes.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 from gunicorn import util
 from gunicorn.http import body as gunicorn_body
 from gunicorn.http.errors import InvalidChunkSize
+from gunicorn.workers.base_async import ALREADY_HANDLED as TAKEN_OVER
 from gunicorn.workers.ggevent import GeventWorker
 
 from common.config import load_settings
@@ -90,10 +95,59 @@ def arrival_of(sock, now: float) -> float:
     return min(now, _ACCEPTED_AT.pop(id(sock), now))
 
 
+def take_over(environ: dict) -> tuple[socket.socket, bytes]:
+    """The client's socket, for a protocol switch (WebSocket), and the bytes the server read from
+    it past the request. The app answers `TAKEN_OVER` once done with it; the server then neither
+    reads another request from it nor writes a response to it."""
+    sock = environ["gunicorn.socket"]
+    _TAKEN.add(id(sock))
+    ahead = b""
+    reader = getattr(environ.get("wsgi.input"), "reader", None)
+    unreader = getattr(reader, "unreader", None)
+    if unreader is not None:
+        ahead = unreader.take_buffered()
+    sock.settimeout(None)
+    return sock, ahead
+
+
+# Sockets taken over, until the worker's request loop lets go of them.
+_TAKEN: set[int] = set()
+# Called when the worker is asked to stop (SIGTERM, SIGQUIT): open WebSockets are told 1001.
+ON_SHUTDOWN: list = []
+
+
 class ProxyWorker(GeventWorker):
     def init_process(self):
         install(load_settings().proxy_max_body_bytes)
         super().init_process()
+
+    def handle_request(self, listener_name, req, sock, addr):
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            if id(sock) in _TAKEN:
+                # The app took the socket over (a WebSocket) and is done with it: no next request.
+                _TAKEN.discard(id(sock))
+                raise StopIteration()
+
+    def _shutting_down(self) -> None:
+        for hook in ON_SHUTDOWN:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - every hook gets its turn
+                self.log.exception("shutdown hook failed")
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        import gevent
+
+        gevent.spawn(self._shutting_down)
+
+    def handle_quit(self, sig, frame):
+        import gevent
+
+        gevent.spawn(self._shutting_down)
+        super().handle_quit(sig, frame)
 
     def handle(self, listener, client, addr):
         _ACCEPTED_AT[id(client)] = time.time()

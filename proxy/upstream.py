@@ -203,7 +203,12 @@ class UpstreamResponse:
                 self._keep_alive = False
             elif "keep-alive" in connection:
                 self._keep_alive = True
-        if method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200:
+        if self.status == 101:
+            # Switching protocols: the connection is the relay's now (proxy/websocket.py), never
+            # the pool's again.
+            self._length = 0
+            self._keep_alive = False
+        elif method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200:
             self._length = 0
         elif transfer_encoding and "chunked" in transfer_encoding:
             self._chunked = True

@@ -225,3 +225,50 @@ def test_upstream_malformed_and_truncated_answers_fail_clearly():
         exchange(b"SPDY/9 what\r\n\r\n")
     with pytest.raises(UpstreamFailed, match="bytes of body unsent"):
         exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+
+
+# ---------------------------------------------------------------- WebSocket frames (proxy/websocket.py)
+def _frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    import struct
+
+    n = len(payload)
+    length = bytes([n]) if n < 126 else bytes([126]) + struct.pack("!H", n) if n < 65536 else \
+        bytes([127]) + struct.pack("!Q", n)
+    if mask is None:
+        return bytes([0x80 | opcode]) + length + payload
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, length[0] | 0x80]) + length[1:] + mask + masked
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+@pytest.mark.parametrize("mask", [None, b"\x01\x02\x03\x04"])
+def test_frames_pass_through_unchanged_whatever_the_pieces_they_arrive_in(size, mask):
+    from proxy.websocket import Direction
+
+    stream = _frame(0x2, bytes(range(256)) * (size // 256) + bytes(size % 256), mask) + _frame(0x9, b"ping", mask)
+    for piece in (1, 3, 7, 1000, len(stream)):
+        way = Direction(masked=mask is not None)
+        out = b"".join(way.feed(stream[i:i + piece]) for i in range(0, len(stream), piece))
+        assert out == stream and not way.in_frame and not way.close_received
+
+
+def test_a_close_frame_is_seen_and_nothing_after_it_passes():
+    from proxy.websocket import Direction
+
+    way = Direction(masked=False)
+    out = way.feed(_frame(0x1, b"hi") + _frame(0x8, b"\x03\xe8bye") + _frame(0x1, b"after"))
+    assert out == _frame(0x1, b"hi") + _frame(0x8, b"\x03\xe8bye")
+    assert way.close_sent and way.close_received
+
+
+def test_after_the_proxys_own_close_the_answering_close_is_taken_not_passed():
+    from proxy.websocket import Direction, close_frame
+
+    way = Direction(masked=True)
+    way.close_sent = True  # the proxy said 1001 this way
+    assert way.feed(_frame(0x8, b"\x03\xe9", b"abcd")) == b""
+    assert way.close_received
+    frame = close_frame(1001, "going away", masked=True)
+    assert frame[0] == 0x88 and frame[1] == 0x80 | 12
+    unmasked = bytes(b ^ frame[2:6][i % 4] for i, b in enumerate(frame[6:]))
+    assert unmasked == b"\x03\xe9going away"
