@@ -24,6 +24,8 @@ from proxy.traffic import ReporterSlot, TrafficTracker
 from proxy.websocket import Sockets
 
 log = logging.getLogger("standby.proxy")
+# How often the request tallies reach prometheus_client (proxy/metrics.py).
+METRICS_FLUSH_SECONDS = 1.0
 
 
 class ProxyApp:
@@ -70,6 +72,7 @@ class ProxyApp:
         gevent.spawn(self.routing.run_forever)
         gevent.spawn(self.tracker.run_forever)
         gevent.spawn(self.sockets.run_forever)
+        gevent.spawn(self._flush_metrics_forever)
         ON_SHUTDOWN.append(self.sockets.going_away_all)
         self.lifecycle.start()
         healed = self.tracker.heal()
@@ -84,13 +87,23 @@ class ProxyApp:
         if path.startswith("/e/"):
             return self.handler(environ, start_response)
         if path == "/metrics":
-            body, content_type = render()
+            body, content_type = render(self.metrics)
             start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return [body]
         if path == "/healthz":
             return _json(start_response, "200 OK", {"ok": True, "view_age_seconds": self._view_age()})
         return _json(start_response, "404 Not Found",
                      {"code": 404, "msg": f"no such path {path!r}; endpoint URLs look like /e/<endpoint-name>/<path>"})
+
+    def _flush_metrics_forever(self) -> None:
+        import gevent
+
+        while True:
+            gevent.sleep(METRICS_FLUSH_SECONDS)
+            try:
+                self.metrics.flush()
+            except Exception:  # noqa: BLE001 - metrics must never stop
+                log.exception("flushing metrics failed")
 
     def _view_age(self) -> float | None:
         import time

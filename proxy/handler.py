@@ -13,6 +13,7 @@ relayed until it closes (`_websocket`, proxy/websocket.py) and holds its claim a
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -112,7 +113,7 @@ class ProxyHandler:
     def __call__(self, environ, start_response):
         started = time.monotonic()
         arrived_at = arrival_of(environ.get("gunicorn.socket"), time.time())
-        request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
+        request_id = environ.get("HTTP_X_REQUEST_ID") or new_request_id()
         prepared = self._prepare(environ, request_id, started, arrived_at)
         if isinstance(prepared, ErrorReply):
             return self._send_error(prepared, start_response, request_id, environ)
@@ -496,6 +497,15 @@ class ProxyHandler:
             self.metrics.observe(endpoint, reply.status, 0.0)
         start_response(reply.status_line, error_headers(reply, request_id, ""))
         return [reply.body()]
+
+
+# Request ids: this process's random prefix and a counter (unique, and no syscall per request).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def error_headers(reply: ErrorReply, request_id: str, target: str) -> list[tuple[str, str]]:

@@ -272,3 +272,159 @@ def test_after_the_proxys_own_close_the_answering_close_is_taken_not_passed():
     assert frame[0] == 0x88 and frame[1] == 0x80 | 12
     unmasked = bytes(b ^ frame[2:6][i % 4] for i, b in enumerate(frame[6:]))
     assert unmasked == b"\x03\xe9going away"
+
+
+# ---------------------------------------------------------------- the HTTP/1.1 server (proxy/http1.py)
+def _parse(head: str, body: bytes = b""):
+    from proxy import http1
+
+    conn = http1.Connection(None)
+    conn.buf = body
+    return http1.parse_head(head, conn, http1.base_environ("127.0.0.1", 8000, False), 1 << 20)
+
+
+def test_a_request_head_becomes_a_wsgi_environ():
+    environ = _parse("POST /e/ep/a%20b?x=1&y=%2F HTTP/1.1\r\nHost: h:1\r\nX-Custom: one\r\nx-custom: two\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 5", b"hello")
+    assert environ["REQUEST_METHOD"] == "POST" and environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert environ["RAW_URI"] == "/e/ep/a%20b?x=1&y=%2F" and environ["PATH_INFO"] == "/e/ep/a b"
+    assert environ["QUERY_STRING"] == "x=1&y=%2F"
+    assert environ["HTTP_HOST"] == "h:1" and environ["HTTP_X_CUSTOM"] == "one,two"
+    assert environ["CONTENT_TYPE"] == "application/json" and environ["CONTENT_LENGTH"] == "5"
+    assert environ["wsgi.input"].read() == b"hello" and environ["wsgi.input"].read() == b""
+    # The client's headers, in its order and spelling, for forwarding.
+    assert environ["standby.headers"][1:3] == [("X-Custom", "one"), ("x-custom", "two")]
+
+
+def test_an_absolute_form_target_is_served_by_its_path():
+    environ = _parse("GET http://example.com/e/ep/x?q=1 HTTP/1.1\r\nHost: example.com")
+    assert environ["PATH_INFO"] == "/e/ep/x" and environ["QUERY_STRING"] == "q=1"
+
+
+@pytest.mark.parametrize("head, status, words", [
+    ("GET /x HTTP/2.0", 505, "HTTP/1.1"),
+    ("GET /x", 400, "malformed request line"),
+    ("GET  /x HTTP/1.1", 400, "malformed request line"),
+    ("G@T /x HTTP/1.1", 400, "invalid method"),
+    ("GET /\x7f HTTP/1.1", 400, "invalid request target"),
+    ("GET /é HTTP/1.1", 400, "invalid request target"),
+    ("GET /" + "a" * 5000 + " HTTP/1.1", 414, "4094"),
+    ("GET /x HTTP/1.1\r\nHost : x", 400, "invalid header line"),
+    ("GET /x HTTP/1.1\r\nX-A: a\r\n b", 400, "obsolete line folding"),
+    ("GET /x HTTP/1.1\r\nX-A: a\x00b", 400, "control character"),
+    ("GET /x HTTP/1.1\r\nX-A: a\nb", 400, "control character"),
+    ("GET /x HTTP/1.1\r\nX-A: a\rb", 400, "control character"),
+    ("GET /x HTTP/1.1\r\n" + "".join(f"X-{i}: 1\r\n" for i in range(101)).rstrip(), 431, "100 header fields"),
+    ("GET /x HTTP/1.1\r\nX-A: " + "a" * 9000, 431, "8190"),
+    ("POST /x HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2", 400, "given twice"),
+    ("POST /x HTTP/1.1\r\nContent-Length: +2", 400, "number of bytes"),
+    ("POST /x HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked", 400, "together"),
+    ("POST /x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501, "chunked"),
+])
+def test_a_request_head_the_proxy_refuses_says_why(head, status, words):
+    from proxy.http1 import BadRequest
+
+    with pytest.raises(BadRequest) as refused:
+        _parse(head)
+    assert refused.value.status == status and words in str(refused.value)
+
+
+def test_header_names_with_underscores_are_dropped():
+    environ = _parse("GET /x HTTP/1.1\r\nX_Forwarded_For: spoofed\r\nX-Forwarded-For: 10.0.0.1")
+    assert environ["HTTP_X_FORWARDED_FOR"] == "10.0.0.1"
+    assert [name for name, _ in environ["standby.headers"]] == ["X-Forwarded-For"]
+
+
+@pytest.mark.parametrize("wire, decoded", [
+    (b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
+    (b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n", b"hello world"),
+])
+def test_a_chunked_body_is_decoded(wire, decoded):
+    environ = _parse("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked", wire)
+    body, got = environ["wsgi.input"], b""
+    while True:
+        piece = body.read(3)
+        if not piece:
+            break
+        got += piece
+    assert got == decoded and body.finished
+
+
+@pytest.mark.parametrize("wire, words", [
+    (b"ZZ\r\nhello\r\n0\r\n\r\n", "invalid chunk size"),
+    (b"FFFFFFFFFFFF\r\nabc", "over the proxy's body limit"),
+    (b"3\r\nhello\r\n0\r\n\r\n", "longer than its size"),
+])
+def test_a_bad_chunked_body_is_refused_at_once(wire, words):
+    environ = _parse("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked", wire)
+    with pytest.raises(ValueError, match=words):
+        while environ["wsgi.input"].read():
+            pass
+
+
+class _Sink:
+    def __init__(self):
+        self.sent = b""
+
+    def send(self, data):
+        self.sent += bytes(data)
+        return len(data)
+
+    def sendall(self, data):
+        self.sent += bytes(data)
+
+
+@pytest.mark.parametrize("version, headers, pieces, framed, keep_alive", [
+    ("HTTP/1.1", [("Content-Length", "5")], [b"he", b"llo"], b"hello", True),
+    ("HTTP/1.1", [], [b"he", b"llo"], b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n", True),
+    ("HTTP/1.0", [], [b"hello"], b"hello", False),
+    ("HTTP/1.1", [("Content-Length", "9")], [b"hello"], b"hello", False),  # cut short: no reuse
+])
+def test_answers_are_framed_by_length_chunks_or_close(version, headers, pieces, framed, keep_alive):
+    from proxy.http1 import Response
+
+    sink = _Sink()
+    response = Response(sink, "GET", version, True)
+    response.start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+    for piece in pieces:
+        response.write(piece)
+    response.finish()
+    head, _, body = sink.sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n") and b"\r\nDate: " in head
+    assert body == framed and response.keep_alive is keep_alive
+    assert (b"Transfer-Encoding: chunked" in head) == (b"2\r\nhe" in framed)
+
+
+def test_the_head_goes_out_with_the_first_piece_of_body_in_one_write():
+    from proxy.http1 import Response
+
+    writes = []
+
+    class Recorder(_Sink):
+        def send(self, data):
+            writes.append(bytes(data))
+            return len(data)
+
+    response = Response(Recorder(), "GET", "HTTP/1.1", True)
+    response.start_response("200 OK", [("Content-Length", "1024")])
+    response.write(b"x" * 1024)
+    response.finish()
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n" + b"x" * 1024)
+
+
+def test_the_sweep_closes_connections_waiting_past_the_keepalive_timeout():
+    from proxy.http1 import Connection, sweep
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        waiting_long, waiting_short, serving = (Connection(a) for a, _ in pairs)
+        waiting_long.waiting_since, waiting_short.waiting_since = 100.0, 170.0
+        assert sweep([waiting_long, waiting_short, serving], now=180.0, keepalive=75.0) == 1
+        assert pairs[0][1].recv(1) == b""  # the client sees the connection end
+        pairs[1][1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            pairs[1][1].recv(1)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
