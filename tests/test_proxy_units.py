@@ -428,3 +428,257 @@ def test_the_sweep_closes_connections_waiting_past_the_keepalive_timeout():
         for a, b in pairs:
             a.close()
             b.close()
+
+
+# ---- the connection loop (`http1.serve`) over a real socket pair: keep-alive, pipelining, HEAD,
+# bodies, slow clients, and the refusals a client sees on the wire.
+def _echo_app(environ, start_response):
+    """Answers with what it got: method, path and the whole body; `/unread` leaves the body
+    unread, `/stream` answers without a length, `/fail` fails before answering."""
+    path = environ["PATH_INFO"]
+    if path == "/fail":
+        raise RuntimeError("boom")
+    body = b"" if path == "/unread" else environ["wsgi.input"].read()
+    while path != "/unread":
+        more = environ["wsgi.input"].read()
+        if not more:
+            break
+        body += more
+    answer = f"{environ['REQUEST_METHOD']} {path} {len(body)}:".encode() + body
+    if path == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [answer[:3], answer[3:]]
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(answer)))])
+    return [answer]
+
+
+class _Served:
+    """`http1.serve` on one end of a socket pair, in a thread; the test is the client."""
+
+    def __init__(self, app=_echo_app, body_limit: int = 1 << 20):
+        from proxy import http1
+
+        self.server_sock, self.client = socket.socketpair()
+        self.client.settimeout(5)
+        self.conn = http1.Connection(self.server_sock)
+        self.error: BaseException | None = None
+        self.head_only = False  # the answers read are to HEAD requests: no body follows
+        self._pending = b""  # read past the last answer
+        environ = http1.base_environ("127.0.0.1", 8000, False)
+
+        def run():
+            try:
+                http1.serve(self.conn, app, environ, lambda: True, body_limit)
+            except BaseException as exc:  # noqa: BLE001 - kept for the test to look at
+                self.error = exc
+            finally:
+                self.server_sock.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def answer(self) -> tuple[bytes, bytes]:
+        """The next whole answer (head, body), framed by Content-Length or chunks."""
+        data = self._pending
+        while b"\r\n\r\n" not in data:
+            data += self._recv()
+        head, _, rest = data.partition(b"\r\n\r\n")
+        fields = {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip()
+                  for line in head.split(b"\r\n")[1:]}
+        if b"content-length" in fields and not head.startswith(b"HTTP/1.1 100"):
+            size = 0 if self.head_only else int(fields[b"content-length"])
+            while len(rest) < size:
+                rest += self._recv()
+            body, self._pending = rest[:size], rest[size:]
+        elif fields.get(b"transfer-encoding") == b"chunked":
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += self._recv()
+            body, self._pending = rest, b""
+        else:
+            body, self._pending = rest, b""
+        return head, body
+
+    def _recv(self) -> bytes:
+        data = self.client.recv(65536)
+        assert data, "the server closed the connection"
+        return data
+
+    def closed(self) -> bool:
+        """Whether the server ended the connection (and its loop)."""
+        self.thread.join(5)
+        rest = b""
+        try:
+            while True:
+                data = self.client.recv(65536)
+                if not data:
+                    break
+                rest += data
+        except OSError:
+            pass
+        return not self.thread.is_alive() and not rest
+
+    def close(self):
+        self.client.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def served():
+    made = []
+
+    def make(**kw) -> _Served:
+        made.append(_Served(**kw))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def test_a_keep_alive_connection_serves_one_request_after_another(served):
+    s = served()
+    for n in range(3):
+        s.client.sendall(f"GET /r{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head, body = s.answer()
+        assert head.startswith(b"HTTP/1.1 200 OK") and body == f"GET /r{n} 0:".encode()
+        assert b"Connection: close" not in head
+    s.client.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = s.answer()
+    assert b"Connection: close" in head and body == b"GET /last 0:"
+    assert s.closed() and s.error is None
+
+
+@pytest.mark.parametrize("connection, kept", [("", False), ("Connection: keep-alive\r\n", True)])
+def test_http_1_0_keeps_the_connection_only_when_asked(served, connection, kept):
+    s = served()
+    s.client.sendall(f"GET /a HTTP/1.0\r\n{connection}\r\n".encode())
+    head, body = s.answer()
+    assert body == b"GET /a 0:"
+    assert (b"Connection: keep-alive" in head) is kept and (b"Connection: close" in head) is not kept
+    if kept:
+        s.client.sendall(b"GET /b HTTP/1.0\r\n\r\n")
+        assert s.answer()[1] == b"GET /b 0:"
+    assert s.closed()
+
+
+def test_pipelined_requests_are_answered_in_order(served):
+    s = served()
+    s.client.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                     b"POST /three HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                     b"GET /four HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [s.answer()[1] for _ in range(4)] == [b"GET /one 0:", b"POST /two 5:hello", b"POST /three 3:abc",
+                                                 b"GET /four 0:"]
+    assert s.error is None
+
+
+def test_a_head_answer_has_no_body_and_the_connection_carries_the_next_request(served):
+    s = served()
+    s.head_only = True
+    s.client.sendall(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = s.answer()
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 10" in head and body == b""
+    s.head_only = False
+    # A streamed answer to HEAD is not chunked either: nothing follows its head.
+    s.client.sendall(b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, rest = s.answer()
+    assert b"Transfer-Encoding" not in head
+    data = rest
+    while b"GET /after 0:" not in data:
+        data += s._recv()
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET /after 0:")
+
+
+def test_an_answer_without_a_length_is_chunked_and_the_connection_kept(served):
+    s = served()
+    s.client.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = s.answer()
+    assert b"Transfer-Encoding: chunked" in head and body == b"3\r\nGET\r\nb\r\n /stream 0:\r\n0\r\n\r\n"
+    s.client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.answer()[1] == b"GET /next 0:"
+
+
+def test_a_slow_client_sending_a_byte_at_a_time_is_served(served):
+    s = served()
+    for byte in b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc":
+        s.client.sendall(bytes([byte]))
+    head, body = s.answer()
+    assert head.startswith(b"HTTP/1.1 200 OK") and body == b"POST /slow 3:abc"
+
+
+def test_a_connection_waiting_for_its_head_is_seen_by_the_sweep(served):
+    from proxy.http1 import sweep
+
+    s = served()
+    s.client.sendall(b"GET /slow HTTP/1.1\r\nHo")  # and nothing more
+    threading.Event().wait(0.2)
+    assert s.conn.waiting_since > 0 and not s.conn.idle
+    assert sweep([s.conn], now=s.conn.waiting_since + 76, keepalive=75) == 1
+    assert s.closed()
+
+
+def test_an_idle_keep_alive_connection_is_marked_idle(served):
+    s = served()
+    s.client.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.answer()
+    threading.Event().wait(0.2)
+    assert s.conn.idle and s.conn.waiting_since > 0
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_read(served):
+    s = served()
+    s.client.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    head, _ = s.answer()
+    assert head == b"HTTP/1.1 100 Continue"
+    s.client.sendall(b"ok")
+    assert s.answer()[1] == b"POST /e 2:ok"
+
+
+def test_a_small_unread_body_is_read_away_and_a_large_one_closes_the_connection(served):
+    s = served()
+    s.client.sendall(b"POST /unread HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+                     b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.answer()[1] == b"POST /unread 0:"
+    assert s.answer()[1] == b"GET /next 0:"
+    big = served()
+    big.client.sendall(b"POST /unread HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    assert big.answer()[1] == b"POST /unread 0:"
+    big.client.shutdown(socket.SHUT_WR)
+    assert big.closed()
+
+
+@pytest.mark.parametrize("wire, status, words", [
+    (b"HELLO\r\n\r\n", 400, "malformed request line"),
+    (b"GET /x HTTP/3\r\n\r\n", 505, "send HTTP/1.1"),
+    (b"GET /x HTTP/1.1\nHost: x\n\n", 400, "bare LF"),
+    (b"GET /" + b"a" * 5000, 414, "4094"),
+    (b"GET /x HTTP/1.1\r\nX-Big: " + b"a" * 900_000, 431, "too large"),
+    (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Smuggle : 1\r\n\r\n", 400, "invalid header line"),
+])
+def test_a_refused_request_gets_a_json_answer_and_the_connection_closes(served, wire, status, words):
+    import json
+
+    s = served()
+    s.client.sendall(wire)
+    head, body = s.answer()
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in head
+    answer = json.loads(body)
+    assert answer["code"] == status and words in answer["msg"]
+    s.client.shutdown(socket.SHUT_WR)
+    assert s.closed()
+
+
+def test_a_connection_ending_inside_a_head_is_answered_400(served):
+    s = served()
+    s.client.sendall(b"GET /x HTTP/1.1\r\nHost")
+    s.client.shutdown(socket.SHUT_WR)
+    head, body = s.answer()
+    assert head.startswith(b"HTTP/1.1 400 ") and b"ended inside the request's head" in body
+
+
+def test_an_app_failing_before_its_answer_is_a_json_500(served):
+    s = served()
+    s.client.sendall(b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = s.answer()
+    assert head.startswith(b"HTTP/1.1 500 ") and b"RuntimeError: boom" in body
+    assert s.closed() and isinstance(s.error, RuntimeError)
