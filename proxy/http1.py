@@ -298,7 +298,7 @@ def parse_head(text: str, conn: Connection, base: dict, body_limit: int) -> dict
         raise BadRequest(400, f"invalid method {method[:20]!r}")
     # Visible ASCII only (str.isprintable also refuses DEL): raw non-ASCII bytes are refused, as
     # gunicorn did.
-    if not target.isascii() or not target.isprintable():
+    if not target or not target.isascii() or not target.isprintable():
         raise BadRequest(400, f"invalid request target {target[:100]!r}")
 
     environ = base.copy()

@@ -305,6 +305,7 @@ def test_an_absolute_form_target_is_served_by_its_path():
     ("GET /x HTTP/2.0", 505, "HTTP/1.1"),
     ("GET /x", 400, "malformed request line"),
     ("GET  /x HTTP/1.1", 400, "malformed request line"),
+    ("GET  HTTP/1.1", 400, "invalid request target"),
     ("G@T /x HTTP/1.1", 400, "invalid method"),
     ("GET /\x7f HTTP/1.1", 400, "invalid request target"),
     ("GET /é HTTP/1.1", 400, "invalid request target"),
