@@ -61,7 +61,7 @@ class NotServing(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(slots=True)
 class Acquired:
     """An instance chosen for a request, and the request's claim on it (release it once done)."""
 

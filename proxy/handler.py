@@ -63,7 +63,7 @@ SCALE_UP_TIMEOUT_HEADER = "HTTP_X_SCALE_UP_TIMEOUT"
 MAX_SUBSTITUTES = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     environ: dict
     view: EndpointView
