@@ -2,13 +2,14 @@
 
 gunicorn stays the server process (arbiter, workers, signals, graceful shutdown, the gevent accept
 loop); what it does per request is done here instead, because it was most of the proxy's cost:
-`bench/proxy` measured 165 µs of CPU per proxied request where nginx spends 14 µs, and a profile
-of one warm request put ~100 µs of it in gunicorn's per-request machinery (its parser building a
-message object, a body reader stack and a config lookup per setting, the environ, a Response
-object that validates and re-joins every header, and two writes per answer) (bench/README.md,
-"The proxy's hot path"). This loop reads a request head with one `recv` into a buffer, checks
-it with a handful of C-level string operations, builds the environ from one copied dict, and
-writes each answer's head together with its first body piece in one `send`.
+`bench/proxy` measured 154 µs of CPU per proxied request where nginx spends 13 µs, and a profile
+of one warm request put 80 of its 141 µs of user CPU in gunicorn's per-request machinery and
+gevent's socket wrappers around it: its parser building a message object, a body reader stack
+and a config lookup per setting, the environ, a Response object that validates and re-joins
+every header, and two writes per answer (bench/README.md, "The proxy's hot path"). This loop
+reads a request head with one `recv` into a buffer, checks it with a handful of C-level string
+operations, builds the environ from one copied dict, and writes each answer's head together with
+its first body piece in one `send` (docs/architecture.md, "The proxy's HTTP/1.1 server").
 
 It keeps gunicorn's rules for what a request may be (hostile input, docs/architecture.md): a
 request line of at most 4094 bytes (414), at most 100 header fields of at most 8190 bytes each
