@@ -607,6 +607,23 @@ def test_a_slow_client_sending_a_byte_at_a_time_is_served(served):
     assert head.startswith(b"HTTP/1.1 200 OK") and body == b"POST /slow 3:abc"
 
 
+@pytest.mark.parametrize("pieces, status", [
+    ([b"GET /x HTTP/1.1\r\nHost: x\n", b"\n"], 400),  # a bare LF split across reads
+    ([b"\r\n", b"\r\n", b"GET /x HTTP/1.1\r\nHost: x\r", b"\n\r", b"\nGET /y HTTP/1.1\r\n\r\n"], 200),
+])
+def test_a_head_split_across_reads_is_read_as_one(served, pieces, status):
+    s = served()
+    for piece in pieces:
+        s.client.sendall(piece)
+        threading.Event().wait(0.05)  # each piece its own read
+    head, body = s.answer()
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    if status == 200:
+        assert body == b"GET /x 0:" and s.answer()[1] == b"GET /y 0:"
+    else:
+        assert b"bare LF" in body
+
+
 def test_a_connection_waiting_for_its_head_is_seen_by_the_sweep(served):
     from proxy.http1 import sweep
 
