@@ -14,6 +14,8 @@ from proxy.http1 import send_all
 
 BLOCK = 64 * 1024
 MAX_HEAD = 64 * 1024
+# As a plain int: OR-ing the socket module's flag enums costs an enum call per request.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # RFC 9110 7.6.1 plus what only concerns this hop: never passed on, either way. The proxy streams
 # a request body itself, so an `Expect: 100-continue` is answered here (proxy/http1.py).
 HOP_BY_HOP = frozenset(
@@ -63,7 +65,7 @@ def _dropped(conn: _Conn) -> bool:
     and tear down watchers on every request."""
     raw = getattr(conn.sock, "_sock", conn.sock)
     try:
-        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        raw.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return False  # nothing to read: the connection is idle and open
     except OSError:
