@@ -1,6 +1,6 @@
 """Where one warm proxied request's microseconds go.
 
-    .venv/bin/python bench/proxy/profile.py [--seconds 6] [--connections 1]
+    .venv/bin/python bench/proxy/profile.py [--seconds 6] [--connections 1] [--top 0]
 
 The setup of `bench/proxy/run.py` (a fast nginx instance answering 1 KB, the real proxy under
 gunicorn at its default worker count, a warm route), with cProfile switched on inside the proxy's
@@ -162,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--top", type=int, default=0, help="also list the N functions with most own time")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="standby-profile-"))
     instance = world = None
@@ -197,6 +198,12 @@ def main() -> None:
             print(f"  {micros:6.1f} µs  {part}")
         print(f"  {sum(m for _, m in rows):6.1f} µs  total (user {user_s / requests * 1e6:.1f} + kernel "
               f"{system_s / requests * 1e6:.1f})")
+        if args.top:
+            print(f"\nThe {args.top} functions with most own time (cProfile's share of the profiled window):")
+            stats = pstats.Stats(str(out)).stats
+            total = sum(row[2] for row in stats.values()) or 1.0
+            for func, row in sorted(stats.items(), key=lambda item: -item[1][2])[:args.top]:
+                print(f"  {row[2] / total:6.1%}  {row[1]:>8} calls  {_key(func)}")
     finally:
         if world is not None:
             world.stop()
