@@ -133,6 +133,8 @@ class Settings:
     proxy_connect_timeout_seconds: float = 5.0
     # On shutdown, streaming requests get this long; idle keep-alive connections hold no longer.
     proxy_graceful_seconds: int = 10
+    # An open WebSocket on an instance that stops or drains gets a 1001 close after this long.
+    proxy_websocket_grace_seconds: float = 10.0
     # Host names the web app answers to (any port); "*" for any. A request naming another host
     # (DNS rebinding, a misrouted name) is refused with 400.
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
@@ -258,6 +260,7 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_sse_keepalive_seconds=_float(env, "STANDBY_PROXY_SSE_KEEPALIVE_SECONDS", 15.0),
         proxy_connect_timeout_seconds=_float(env, "STANDBY_PROXY_CONNECT_TIMEOUT_SECONDS", 5.0),
         proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
+        proxy_websocket_grace_seconds=_float(env, "STANDBY_PROXY_WEBSOCKET_GRACE_SECONDS", 10.0),
         allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
         login_max_failures=_int(env, "STANDBY_LOGIN_MAX_FAILURES", 5),

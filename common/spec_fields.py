@@ -70,6 +70,9 @@ class SpecField:
     form_unit: tuple[str, int] | None = None
     # Said when an immutable field is changed: what to do instead.
     instead: str = ""
+    # Why a WebSocket service (`websocket: true`) cannot have this field other than its default:
+    # such a spec is refused with this reason (webapp/spec.py).
+    not_for_websocket: str = ""
     # Database column: the SQLAlchemy type, and a foreign key where the value names a row.
     column: Any = None
     foreign_key: str = ""
@@ -124,7 +127,14 @@ SPEC: tuple[SpecField, ...] = (
               "typed routes served by Standby's runtime.", edit=IMMUTABLE, readers=(LIFECYCLE, PROXY, WORKER),
               section="source", choices=SOURCE_KINDS, column=String(16),
               choice_labels=("Server (command + port)", "Routes (model code)"),
-              instead="create a new endpoint for another kind of source"),
+              instead="create a new endpoint for another kind of source",
+              not_for_websocket="Standby's routes runtime answers HTTP requests, not WebSocket; run a server "
+                                "that speaks WebSocket (source_kind: server)"),
+    SpecField("websocket", BOOL, False, "WebSocket service", "The server speaks WebSocket: a request with "
+              "'Upgrade: websocket' is passed through to an instance, and frames flow both ways until either side "
+              "closes. Cannot be changed later.", edit=IMMUTABLE, readers=(PROXY,), section="source",
+              only_for="server", column=Boolean,
+              instead="create a new endpoint with or without websocket"),
     _text("start_command", "", "Start command", 8192, column=Text, multiline=True, edit=RESTART, readers=(WORKER,),
           section="source", only_for="server", help="The shell command that starts your server, as its tutorial writes it, "
                                  "e.g. python -m http.server 8080."),
@@ -221,6 +231,10 @@ SPEC: tuple[SpecField, ...] = (
          help="0 = unlimited."),
     _int("hold_queue_size", 100, "Hold queue size", 1, 100_000, "requests held during a cold start",
          readers=(PROXY,), section="traffic", help="Requests held during a cold start."),
+    _int("max_websockets", 1000, "Max open WebSockets per instance", 1, 100_000, "open sockets per instance",
+         readers=(PROXY,), section="traffic", only_for="server",
+         help="WebSocket services only. Past it a new socket goes to another instance, or to a new one "
+              "(up to max instances), else it is refused with 503."),
     SpecField("sticky_sessions", BOOL, False, "Sticky sessions", "Pins a client to an instance with a cookie.",
               readers=(PROXY,), section="traffic", column=Boolean),
 )

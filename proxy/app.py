@@ -20,9 +20,13 @@ from proxy.handler import ProxyHandler
 from proxy.metrics import Metrics, render
 from proxy.routing_view import RoutingView
 from proxy.lifecycle_client import LifecycleClient
+from proxy.server import ON_SHUTDOWN
 from proxy.traffic import ReporterSlot, TrafficTracker
+from proxy.websocket import Sockets
 
 log = logging.getLogger("standby.proxy")
+# How often the request tallies reach prometheus_client (proxy/metrics.py).
+METRICS_FLUSH_SECONDS = 1.0
 
 
 class ProxyApp:
@@ -44,6 +48,7 @@ class ProxyApp:
         self.coldstarts = ColdStarts(self.lifecycle, self.routing, self.balancer, self.tracker, self.metrics,
                                      outage_grace_seconds=settings.proxy_lifecycle_outage_seconds)
         self.forwarder = Forwarder(connect_timeout=settings.proxy_connect_timeout_seconds)
+        self.sockets = Sockets(self.routing, grace_seconds=settings.proxy_websocket_grace_seconds)
         self.handler = ProxyHandler(
             self.routing,
             self.coldstarts,
@@ -53,6 +58,7 @@ class ProxyApp:
             max_body_bytes=settings.proxy_max_body_bytes,
             keepalive_seconds=settings.proxy_sse_keepalive_seconds if keepalive_seconds is None else keepalive_seconds,
             body_timeout_seconds=settings.proxy_body_timeout_seconds,
+            sockets=self.sockets,
         )
         self._started = False
 
@@ -67,6 +73,9 @@ class ProxyApp:
         gevent.spawn(self.routing.run_forever)
         gevent.spawn(self.tracker.run_forever)
         gevent.spawn(self._write_metrics_forever)
+        gevent.spawn(self.sockets.run_forever)
+        gevent.spawn(self._flush_metrics_forever)
+        ON_SHUTDOWN.append(self.sockets.going_away_all)
         self.lifecycle.start()
         healed = self.tracker.heal()
         if healed:
@@ -101,13 +110,23 @@ class ProxyApp:
         if path.startswith("/e/"):
             return self.handler(environ, start_response)
         if path == "/metrics":
-            body, content_type = render()
+            body, content_type = render(self.metrics)
             start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
             return [body]
         if path == "/healthz":
             return _json(start_response, "200 OK", {"ok": True, "view_age_seconds": self._view_age()})
         return _json(start_response, "404 Not Found",
                      {"code": 404, "msg": f"no such path {path!r}; endpoint URLs look like /e/<endpoint-name>/<path>"})
+
+    def _flush_metrics_forever(self) -> None:
+        import gevent
+
+        while True:
+            gevent.sleep(METRICS_FLUSH_SECONDS)
+            try:
+                self.metrics.flush()
+            except Exception:  # noqa: BLE001 - metrics must never stop
+                log.exception("flushing metrics failed")
 
     def _view_age(self) -> float | None:
         import time

@@ -17,12 +17,22 @@ ROUND_ROBIN, LEAST_CONNECTIONS, IP_HASH, RANDOM = "round_robin", "least_connecti
 POLICIES = (ROUND_ROBIN, LEAST_CONNECTIONS, IP_HASH, RANDOM)
 
 
+_NORMALIZED: dict[str | None, str] = {}
+
+
 def normalize_policy(name: str | None) -> str:
-    """Spec values and header values in either spelling: `round-robin`, `Round_Robin`, ..."""
+    """Spec values and header values in either spelling: `round-robin`, `Round_Robin`, ...
+    (remembered: this runs for every request)."""
+    known = _NORMALIZED.get(name)
+    if known is not None:
+        return known
     policy = (name or ROUND_ROBIN).strip().lower().replace("-", "_")
     aliases = {"least_conn": LEAST_CONNECTIONS, "leastconn": LEAST_CONNECTIONS, "iphash": IP_HASH, "rr": ROUND_ROBIN}
     policy = aliases.get(policy, policy)
-    return policy if policy in POLICIES else ROUND_ROBIN
+    policy = policy if policy in POLICIES else ROUND_ROBIN
+    if len(_NORMALIZED) < 256:
+        _NORMALIZED[name] = policy
+    return policy
 
 
 class Balancer:

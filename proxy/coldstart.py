@@ -61,7 +61,7 @@ class NotServing(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(slots=True)
 class Acquired:
     """An instance chosen for a request, and the request's claim on it (release it once done)."""
 
@@ -194,10 +194,11 @@ class ColdStarts:
 
     def acquire(
         self, name: str, client_ip: str, sticky_id: str | None, tick_seconds: float | None,
-        arrived_at: float, client_wait: float | None = None,
+        arrived_at: float, client_wait: float | None = None, room=None,
     ) -> Generator[None, None, Acquired]:
         """Wait for an instance with room and claim it; yields once per `tick_seconds` (SSE
-        keep-alives). Bounded by the startup timeout and by `client_wait` when the client set one."""
+        keep-alives). Bounded by the startup timeout and by `client_wait` when the client set one.
+        `room(view, candidates)` narrows the candidates further (a WebSocket's `max_websockets`)."""
         view = self.routing.get(name)
         if view is None:
             raise EndpointGone()
@@ -217,6 +218,8 @@ class ColdStarts:
             if view.status in NOT_SERVING_STATES:
                 raise NotServing(view.status, view.status_reason)
             candidates = self.balancer.available(view)
+            if room is not None:
+                candidates = room(view, candidates)
             if candidates:
                 return self.take(view, candidates, client_ip, sticky_id, arrived_at)
             pending = None

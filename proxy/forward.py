@@ -12,27 +12,9 @@ from __future__ import annotations
 import socket
 from typing import Callable, Iterator
 
-from proxy.upstream import ConnectFailed, UpstreamFailed, UpstreamPool, UpstreamResponse
+from proxy.upstream import HOP_BY_HOP, ConnectFailed, UpstreamFailed, UpstreamPool, UpstreamResponse
 
 BLOCK = 64 * 1024
-
-# RFC 9110 7.6.1 plus what only concerns this hop: the proxy streams the body itself, so an
-# `Expect: 100-continue` is answered (by gunicorn) here, not passed on.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
 
 __all__ = ["BodyTooLarge", "ClientBodyError", "ConnectFailed", "UpstreamFailed", "Forwarder", "RequestBody",
            "StreamedResponse"]
@@ -102,7 +84,7 @@ class Forwarder:
         address: str,
         method: str,
         target: str,
-        headers: dict[str, str],
+        headers: list[tuple[str, str]],
         body,
         chunked: bool,
     ) -> UpstreamResponse:
@@ -115,10 +97,10 @@ class Forwarder:
         return self.pool.exchange(address, method, head, body, chunked)
 
 
-def _request_head(method: str, target: str, address: str, headers: dict[str, str], body, chunked: bool) -> bytes:
+def _request_head(method: str, target: str, address: str, headers: list[tuple[str, str]], body,
+                  chunked: bool) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {address}\r\n"]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}\r\n")
+    lines.extend([f"{name}: {value}\r\n" for name, value in headers])
     if isinstance(body, (bytes, bytearray)):
         lines.append(f"Content-Length: {len(body)}\r\n")
     elif chunked:
@@ -130,9 +112,14 @@ def _request_head(method: str, target: str, address: str, headers: dict[str, str
 
 
 def response_headers(resp: UpstreamResponse) -> list[tuple[str, str]]:
-    """The instance's headers minus hop-by-hop ones, duplicates (Set-Cookie) kept apart."""
-    drop = HOP_BY_HOP | connection_tokens(resp.header("connection"))
-    return [(name, value) for name, value in resp.headers if name.lower() not in drop]
+    """The instance's headers minus hop-by-hop ones (found while parsing them) and those its
+    `Connection` names, duplicates (Set-Cookie) kept apart."""
+    connection = resp.connection
+    extra = connection_tokens(connection) - HOP_BY_HOP - {"close"} \
+        if connection and connection != "keep-alive" and connection != "close" else None
+    if extra:
+        return [(name, value) for name, value in resp.end_to_end if name.lower() not in extra]
+    return list(resp.end_to_end)
 
 
 class StreamedResponse:
@@ -143,13 +130,29 @@ class StreamedResponse:
         self._on_close = on_close
 
     def __iter__(self) -> Iterator[bytes]:
+        whole = self._resp.buffered_body()
+        if whole is not None:
+            return iter((whole,))  # a small answer that came with its head: no generator to run
+        return self._stream()
+
+    def _stream(self) -> Iterator[bytes]:
         try:
             yield from self._resp.iter_body()
         except (OSError, socket.timeout, ValueError) as exc:
             # The client has the status line already: all that is left is to cut the stream.
             raise UpstreamFailed(f"instance stream broke: {exc}") from exc
 
+    def detach(self) -> tuple[UpstreamResponse, Callable[[], None]]:
+        """For a protocol switch (101): the instance's response, with its connection and whatever
+        it sent past the head, and the release of the claim; closing this does nothing after."""
+        resp, on_close = self._resp, self._on_close
+        self._on_close = None
+        self._resp = None
+        return resp, on_close
+
     def close(self) -> None:
+        if self._resp is None:
+            return
         try:
             self._resp.finish()
         finally:

@@ -19,7 +19,8 @@ _settings = load_settings()
 
 bind = f"{_settings.bind}:{_settings.proxy_port}"
 workers = _settings.proxy_workers
-# gunicorn's gevent worker plus JSON errors and refusals of non-HTTP bytes (proxy/server.py).
+# gunicorn's gevent worker serving each connection with the proxy's own HTTP/1.1 loop
+# (proxy/server.py, proxy/http1.py; docs/architecture.md "The proxy's HTTP/1.1 server").
 worker_class = "proxy.server.ProxyWorker"
 worker_connections = 2000
 keepalive = 75  # longer than common load balancers' idle timeouts (60 s), like nginx's default

@@ -7,9 +7,13 @@ A request's place on an instance is one `Claim` (proxy/traffic.py), taken when t
 chosen and released exactly once: by the response body's close() when an answer streams back,
 and right here on every other way out (an error answer, a refused connection, a bad client body,
 an exception), so no path can leave an instance counted busy, and so never idle-released.
+
+A WebSocket handshake takes the same path; when the instance switches protocols, the socket is
+relayed until it closes (`_websocket`, proxy/websocket.py) and holds its claim all along.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -44,9 +48,10 @@ from proxy.forward import (
 from proxy.headers import cookie_value, forward_headers, wants_event_stream
 from proxy.metrics import Metrics
 from proxy.routing_view import EndpointView, RoutingView
-from proxy.server import arrival_of
+from proxy.server import TAKEN_OVER, arrival_of, take_over
 from proxy.lifecycle_client import LifecycleError
 from proxy.traffic import TrafficTracker
+from proxy.websocket import Sockets, wants_websocket
 
 log = logging.getLogger("standby.proxy")
 
@@ -58,7 +63,7 @@ SCALE_UP_TIMEOUT_HEADER = "HTTP_X_SCALE_UP_TIMEOUT"
 MAX_SUBSTITUTES = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     environ: dict
     view: EndpointView
@@ -70,6 +75,7 @@ class Request:
     started: float  # monotonic
     arrived_at: float  # wall clock, compared with instances' ready times
     client_wait: float | None
+    websocket: bool = False  # a WebSocket handshake to a WebSocket service
 
     @property
     def name(self) -> str:
@@ -91,6 +97,7 @@ class ProxyHandler:
         max_body_bytes: int,
         keepalive_seconds: float = 15.0,
         body_timeout_seconds: float = 60.0,
+        sockets: Sockets | None = None,
     ):
         self.routing = routing
         self.coldstarts = coldstarts
@@ -101,11 +108,12 @@ class ProxyHandler:
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
         self.body_timeout_seconds = body_timeout_seconds
+        self.sockets = sockets or Sockets(routing)
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
         arrived_at = arrival_of(environ.get("gunicorn.socket"), time.time())
-        request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
+        request_id = environ.get("HTTP_X_REQUEST_ID") or new_request_id()
         prepared = self._prepare(environ, request_id, started, arrived_at)
         if isinstance(prepared, ErrorReply):
             return self._send_error(prepared, start_response, request_id, environ)
@@ -120,11 +128,16 @@ class ProxyHandler:
         else:
             chosen = self._ready_instance(req)
             if chosen is None:
-                if wants_event_stream(environ) and self.keepalive_seconds > 0:
+                if req.websocket and self._sockets_full(req.view):
+                    chosen = self._sockets_full_reply(req)
+                elif wants_event_stream(environ) and self.keepalive_seconds > 0:
                     return self._held_event_stream(req, start_response)
-                chosen = self._hold(req)
+                else:
+                    chosen = self._hold(req)
         if isinstance(chosen, ErrorReply):
             return self._send_error(chosen, start_response, request_id, environ, req.name)
+        if req.websocket:
+            return self._websocket(req, chosen, start_response)
         status, headers, body = self._forward(req, chosen)
         start_response(status, headers)
         return body
@@ -145,6 +158,11 @@ class ProxyHandler:
             return body_too_large(self.max_body_bytes)
         if view.status in NOT_SERVING_STATES:
             return not_serving(view.name, view.status, view.status_reason)
+        websocket = wants_websocket(environ)
+        if websocket and not view.websocket:
+            return errors.error(400, f"endpoint {view.name!r} is not a WebSocket service, so it takes no "
+                                     "'Upgrade: websocket'; create an endpoint with \"websocket\": true for a "
+                                     "server that speaks WebSocket")
         client_wait = parse_client_wait(environ.get(SCALE_UP_TIMEOUT_HEADER))
         if isinstance(client_wait, ErrorReply):
             return client_wait
@@ -163,7 +181,7 @@ class ProxyHandler:
         query = environ.get("QUERY_STRING")
         target = path + ("?" + query if query else "")
         return Request(environ, view, request_id, target, body, chunked, strip_authorization, started, arrived_at,
-                       client_wait)
+                       client_wait, websocket)
 
     def _bound_body_reads(self, environ: dict) -> None:
         """A client that stops sending its body mid-way is answered 408 after the timeout instead
@@ -230,6 +248,8 @@ class ProxyHandler:
 
     def _ready_instance(self, req: Request) -> Acquired | None:
         candidates = self.balancer.available(req.view)
+        if req.websocket:
+            candidates = self.sockets.with_room(req.view, candidates)
         if not candidates:
             return None
         return self.coldstarts.take(req.view, candidates, req.client_ip, self._sticky_id(req), req.arrived_at)
@@ -279,7 +299,7 @@ class ProxyHandler:
             return overloaded(self.metrics, req.name, "hold queue full")
         try:
             steps = self.coldstarts.acquire(req.name, req.client_ip, self._sticky_id(req), None, req.arrived_at,
-                                            req.client_wait)
+                                            req.client_wait, room=self.sockets.with_room if req.websocket else None)
             return run_to_end(steps)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
             return held_failure(self.metrics, req.name, exc)
@@ -356,7 +376,7 @@ class ProxyHandler:
         try:
             while True:
                 tried.add(instance.id)
-                headers = forward_headers(req.environ, req.request_id, req.strip_authorization)
+                headers = forward_headers(req.environ, req.request_id, req.strip_authorization, req.websocket)
                 try:
                     resp = self.forwarder.send(
                         instance.address, req.environ["REQUEST_METHOD"], req.target, headers, req.body, req.chunked
@@ -399,6 +419,56 @@ class ProxyHandler:
         self.metrics.observe(req.name, resp.status, time.monotonic() - req.started, instance.id, waited, cold_start)
         return f"{resp.status} {resp.reason or ''}".rstrip(), out, StreamedResponse(resp, claim.release)
 
+    # ---- WebSockets ----
+    def _sockets_full(self, view: EndpointView) -> bool:
+        """Every ready instance has its `max_websockets` open and no other may start: refused
+        at once rather than held (a socket may stay open for hours)."""
+        return bool(view.instances) and view.live_count >= view.max_instances \
+            and not self.sockets.with_room(view, list(view.instances))
+
+    def _sockets_full_reply(self, req: Request) -> ErrorReply:
+        return overloaded(self.metrics, req.name, f"every instance has its max_websockets "
+                                                  f"({req.view.max_websockets}) sockets open and the endpoint is "
+                                                  f"at max_instances ({req.view.max_instances})", "websockets_full")
+
+    def _websocket(self, req: Request, chosen: Acquired, start_response):
+        """Forward the handshake; when the instance switches protocols, take the client's socket
+        and relay frames until either side closes. The socket is counted against the instance's
+        `max_websockets` from its choice on, and its claim held until it closes."""
+        slot = self.sockets.reserve(chosen.instance.id)
+        try:
+            if self.sockets.open_on(chosen.instance.id) > req.view.max_websockets:  # a route rule named it
+                chosen.claim.release()
+                return self._send_error(self._sockets_full_reply(req), start_response, req.request_id,
+                                        req.environ, req.name)
+            status, headers, body = self._forward(req, chosen)
+            if not status.startswith("101") or not isinstance(body, StreamedResponse):
+                # The instance refused the upgrade (its own answer), or an error answer: plain HTTP.
+                start_response(status, headers)
+                return body
+            resp, release = body.detach()
+            try:
+                instance_id = next(value for name, value in headers if name == "Deploy-Route-Target")
+                slot.move(instance_id)
+                client, client_ahead = take_over(req.environ)
+                head = ["HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n",
+                        f"Upgrade: {resp.header('upgrade') or 'websocket'}\r\n"]
+                head.extend(f"{name}: {value}\r\n" for name, value in headers if name != "X-Accel-Buffering")
+                head.append("\r\n")
+                instance_ahead = bytes(resp.conn.buf)
+                resp.conn.buf.clear()
+                try:
+                    client.sendall("".join(head).encode("latin-1"))
+                except OSError:
+                    resp.conn.close()
+                    return TAKEN_OVER
+                self.sockets.relay(req.name, instance_id, client, resp.conn.sock, instance_ahead, client_ahead)
+            finally:
+                release()
+            return TAKEN_OVER
+        finally:
+            slot.release()
+
     def _another_instance(self, req: Request, tried: set[str]) -> Acquired | ErrorReply | None:
         """After a refused connection: another ready instance, or (nothing of the body sent, no
         instance pinned) a hold for a new one, as a request to a sleeping endpoint would get."""
@@ -409,6 +479,8 @@ class ProxyHandler:
             return None  # a pinned instance id or a fresh scale-out: no substitute
         view = self.routing.get(req.name) or req.view
         others = [inst for inst in self.balancer.available(view) if inst.id not in tried]
+        if req.websocket:
+            others = self.sockets.with_room(view, others)
         if others:
             req.view = view
             return self.coldstarts.take(view, others, req.client_ip, None, req.arrived_at)
@@ -426,6 +498,15 @@ class ProxyHandler:
             self.metrics.observe(endpoint, reply.status, 0.0)
         start_response(reply.status_line, error_headers(reply, request_id, ""))
         return [reply.body()]
+
+
+# Request ids: this process's random prefix and a counter (unique, and no syscall per request).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def error_headers(reply: ErrorReply, request_id: str, target: str) -> list[tuple[str, str]]:

@@ -10,8 +10,29 @@ from __future__ import annotations
 import socket
 from typing import Iterator
 
+from proxy.http1 import send_all
+
 BLOCK = 64 * 1024
 MAX_HEAD = 64 * 1024
+# As a plain int: OR-ing the socket module's flag enums costs an enum call per request.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+# RFC 9110 7.6.1 plus what only concerns this hop: never passed on, either way. The proxy streams
+# a request body itself, so an `Expect: 100-continue` is answered here (proxy/http1.py).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
 
 
 class ConnectFailed(Exception):
@@ -56,7 +77,7 @@ def _dropped(conn: _Conn) -> bool:
     and tear down watchers on every request."""
     raw = getattr(conn.sock, "_sock", conn.sock)
     try:
-        raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        raw.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return False  # nothing to read: the connection is idle and open
     except OSError:
@@ -81,6 +102,8 @@ class UpstreamPool:
         return _Conn(sock, address)
 
     def _checkout(self, address: str) -> tuple[_Conn, bool]:
+        # Every reuse is checked, however fresh: a server that wrote more than it announced (a
+        # body on a HEAD answer) left bytes that would pass for the next answer.
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
@@ -90,7 +113,9 @@ class UpstreamPool:
         return self._connect(address), False
 
     def release(self, conn: _Conn) -> None:
-        idle = self._idle.setdefault(conn.address, [])
+        idle = self._idle.get(conn.address)
+        if idle is None:
+            idle = self._idle[conn.address] = []
         if len(idle) < self.max_idle and not conn.buf:
             idle.append(conn)
         else:
@@ -132,14 +157,28 @@ def _unanswered(address: str, method: str, replayable: bool, exc: Exception) -> 
     """No byte of an answer came: another instance may take an idempotent request (Unanswered);
     any other one fails here, since the instance may have acted on it before it died."""
     message = f"instance {address} closed the connection before answering: {exc}"
-    return Unanswered(message) if replayable and method in IDEMPOTENT else UpstreamFailed(message)
+    if not (replayable and method in IDEMPOTENT) or _accepts(address):
+        return UpstreamFailed(message)  # a live instance that dropped this request: its answer is a 502
+    return Unanswered(message)
+
+
+def _accepts(address: str) -> bool:
+    """Whether the instance still takes connections: a live one that dropped a request keeps its
+    place in the view; a dying one (its listener gone a moment later) is left out, and the
+    request goes elsewhere."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def _write_request(conn: _Conn, head: bytes, body, chunked: bool) -> None:
     sock = conn.sock
     if body is None or isinstance(body, (bytes, bytearray)):
         try:
-            sock.sendall(head + bytes(body) if body else head)
+            send_all(sock, head + bytes(body) if body else head)
         except OSError as exc:
             raise _StaleConnection(str(exc)) from exc
         return
@@ -160,8 +199,8 @@ def _write_request(conn: _Conn, head: bytes, body, chunked: bool) -> None:
 
 
 class UpstreamResponse:
-    __slots__ = ("conn", "pool", "status", "reason", "headers", "_length", "_chunked", "_until_close",
-                 "_keep_alive", "_done")
+    __slots__ = ("conn", "pool", "status", "reason", "headers", "end_to_end", "connection", "_length",
+                 "_chunked", "_until_close", "_keep_alive", "_done", "_transfer_encoding", "_content_length")
 
     def __init__(self, conn: _Conn, pool: UpstreamPool):
         self.conn = conn
@@ -169,6 +208,10 @@ class UpstreamResponse:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
+        self.end_to_end: list[tuple[str, str]] = []  # the headers minus hop-by-hop ones
+        self.connection: str | None = None  # the Connection header, lowercased
+        self._transfer_encoding: str | None = None
+        self._content_length: str | None = None
         self._length: int | None = None
         self._chunked = False
         self._until_close = False
@@ -193,37 +236,57 @@ class UpstreamResponse:
         return resp
 
     def _parse_head(self, head: bytes) -> None:
+        """Status and headers in one pass: hop-by-hop ones are set apart as they are read."""
         lines = head.decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
         if not version.startswith("HTTP/") or not (code.isascii() and code.isdigit()):
             raise UpstreamFailed(f"instance answered a malformed status line: {lines[0][:80]!r}")
         self.status, self.reason = int(code), reason
-        headers = []
+        end_to_end = []
+        hop = []
         for line in lines[1:]:
+            if not line.isprintable() and ("\r" in line or "\n" in line or "\x00" in line):
+                # A CR or LF inside a line, or a NUL: passed on, it could split the client's answer.
+                raise UpstreamFailed("instance sent a header holding a bare CR or LF (or a NUL)")
             name, sep, value = line.partition(":")
-            if sep:
-                headers.append((name.strip(), value.strip()))
-        self.headers = headers
+            if not sep:
+                continue
+            name, value = name.strip(), value.strip()
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == "transfer-encoding":
+                    self._transfer_encoding = value.lower()
+                elif lower == "connection":
+                    self.connection = value.lower()
+                hop.append((name, value))
+                continue
+            if lower == "content-length":
+                self._content_length = value
+            end_to_end.append((name, value))
+        self.end_to_end = end_to_end
+        self.headers = end_to_end + hop if hop else end_to_end
         self._keep_alive = version != "HTTP/1.0"
 
     def _frame(self, method: str) -> None:
-        transfer_encoding = connection = length = None
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == "transfer-encoding":
-                transfer_encoding = value.lower()
-            elif lower == "content-length":
-                length = value
-            elif lower == "connection":
-                connection = value.lower()
+        transfer_encoding, connection, length = self._transfer_encoding, self.connection, self._content_length
         if connection:
             if "close" in connection:
                 self._keep_alive = False
             elif "keep-alive" in connection:
                 self._keep_alive = True
-        if method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200:
+        if self.status == 101:
+            # Switching protocols: the connection is the relay's now (proxy/websocket.py), never
+            # the pool's again.
             self._length = 0
+            self._keep_alive = False
+        elif method == "HEAD" or self.status in (204, 304) or 100 <= self.status < 200:
+            self._length = 0
+            if method == "HEAD":
+                # Servers that write a body after a HEAD answer anyway (a naive handler) would
+                # leave it to pass for the next answer on this connection, arriving too late for
+                # the reuse check: such a connection is not reused.
+                self._keep_alive = False
         elif transfer_encoding and "chunked" in transfer_encoding:
             self._chunked = True
         elif length is not None:
@@ -238,6 +301,22 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         return self._length
+
+    def buffered_body(self) -> bytes | None:
+        """The whole body when it arrived with the head (a small answer with a Content-Length),
+        taken at once; None when it must be read as it comes (`iter_body`)."""
+        conn = self.conn
+        left = self._length
+        if left is None or self._chunked or len(conn.buf) < left:
+            return None
+        if len(conn.buf) == left:
+            data = bytes(conn.buf)
+            conn.buf.clear()
+        else:
+            data = bytes(conn.buf[:left])
+            del conn.buf[:left]
+        self._done = True
+        return data
 
     def iter_body(self) -> Iterator[bytes]:
         conn = self.conn

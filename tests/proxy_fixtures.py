@@ -25,6 +25,7 @@ from common.models import ApiKey, Endpoint, Instance
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_SCRIPT = ROOT / "tests" / "proxy_instance.py"
+WS_ECHO_SCRIPT = ROOT / "tests" / "ws_echo_instance.py"
 
 
 from tests.conftest import free_port  # noqa: E402
@@ -69,10 +70,10 @@ class InstanceProcess:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, instance_id: str, port: int | None = None) -> "InstanceProcess":
+    def start(cls, instance_id: str, port: int | None = None, script: Path = INSTANCE_SCRIPT) -> "InstanceProcess":
         port = port or free_port()
         proc = subprocess.Popen(
-            [sys.executable, str(INSTANCE_SCRIPT), str(port), instance_id],
+            [sys.executable, str(script), str(port), instance_id],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         inst = cls(instance_id, port, proc)
@@ -153,8 +154,8 @@ class ProxyWorld:
                 setattr(endpoint, key, value)
 
     def add_instance(self, endpoint: str, instance_id: str, status: str = "ready", start: bool = True,
-                     address: str | None = None) -> InstanceProcess | None:
-        proc = InstanceProcess.start(instance_id) if start else None
+                     address: str | None = None, script: Path = INSTANCE_SCRIPT) -> InstanceProcess | None:
+        proc = InstanceProcess.start(instance_id, script=script) if start else None
         if proc:
             self.instances[instance_id] = proc
         with self.db.session() as s:

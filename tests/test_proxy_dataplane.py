@@ -352,3 +352,26 @@ def test_raw_chunked_upload_and_keepalive_on_one_connection(world):
         assert b'"bytes": 11' in data
     finally:
         sock.close()
+
+
+def test_head_then_get_on_one_connection_through_an_instance_that_writes_a_body_after_head(world):
+    """The test instance writes its body after a HEAD answer too (a naive handler): the client gets
+    a head without a body, and the next request on the same connection gets its own answer."""
+    sock = socket.create_connection(("127.0.0.1", world.proxy.port), timeout=10)
+    try:
+        for _ in range(2):
+            sock.sendall(b"HEAD /e/open/1k HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and rest == b"", data[:300]
+            sock.sendall(b"GET /e/open/echo?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            deadline = time.monotonic() + 10
+            while not (b"\r\n\r\n" in data and data.rstrip().endswith(b"}")):
+                assert time.monotonic() < deadline, data
+                data += sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200") and b'"query": "n=2"' in data, data[:600]
+    finally:
+        sock.close()

@@ -128,7 +128,7 @@ def _created(client, **spec):
 @pytest.mark.parametrize("field", [f.name for f in SPEC if f.edit == IMMUTABLE])
 def test_patch_of_an_immutable_field_is_a_400_naming_it(client, field):
     _created(client)
-    other = {"name": "other", "source_kind": "routes", "model_version_id": 7, "disk_gb": 20}[field]
+    other = {"name": "other", "source_kind": "routes", "model_version_id": 7, "disk_gb": 20, "websocket": True}[field]
     response = client.patch("/api/v1/endpoints/tts", json={field: other})
     assert response.status_code == 400
     assert response.get_json()["errors"][field].startswith(f"{field} cannot be changed after creation; ")

@@ -59,6 +59,12 @@ BAD_SPECS = [
     ({"gpu_count": True}, "gpu_count", "not true/false"),
     ({"description": 5}, "description", "must be text"),
     ({"colour": "blue"}, "unknown_fields", "colour"),
+    ({"websocket": "sometimes"}, "websocket", "true or false"),
+    ({"max_websockets": 0}, "max_websockets", "at least 1"),
+    # A WebSocket service needs a server that speaks WebSocket: the routes runtime does not.
+    ({"websocket": True, "source_kind": "routes", "git_url": "https://example.com/m.git", "git_ref": "main",
+      "routes": [{"method": "POST", "path": "/add", "file": "a.py", "function": "add"}]},
+     "source_kind", "cannot be used by a WebSocket service: Standby's routes runtime answers HTTP requests"),
 ]
 
 

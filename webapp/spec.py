@@ -509,6 +509,13 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
     elif clean.get("source_kind") == "routes":
         _validate_routes_source(clean, errors, settings, session)
 
+    if clean.get("websocket"):
+        # What a WebSocket service cannot have, as each field's declaration says (common/spec_fields.py).
+        for f in SPEC:
+            if f.not_for_websocket and f.name in clean and clean[f.name] != f.default:
+                errors.setdefault(f.name, f"{f.name} {clean[f.name]!r} cannot be used by a WebSocket service: "
+                                          f"{f.not_for_websocket} (or set websocket to false)")
+
     if _check_pools(clean, errors, settings, session):
         return  # the hosts of the endpoint's pools said whether it can ever be placed
     gpu_count = clean.get("gpu_count")
