@@ -142,8 +142,8 @@ def authenticate():
     elif current_user.is_authenticated:
         g.auth_via = "session"
     g.access_level = level
-    if level == PUBLIC or (level is None and not api):
-        return None  # an unknown page: its 404
+    if level == PUBLIC or request.endpoint is None:
+        return None  # no such route (404) or method (405): that answer, which says what is wrong
     if not current_user.is_authenticated:
         if api:
             return _api_refusal("sign in: send a personal token as `Authorization: Bearer <token>` "
