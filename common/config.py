@@ -124,6 +124,13 @@ class Settings:
     # Whether model code may come from file:// URLs and local paths (tests, a single machine);
     # off by default: a registered path would read any repository on the worker's disk.
     allow_file_git: bool = False
+    # Updates (README.md "Revisions and updates"), unless an update says otherwise: how long each
+    # new instance serves before the next step, the error rate of new instances that rolls an
+    # update back, how long blue-green keeps the old set, and a canary's pause between steps.
+    rollout_settle_seconds: float = 10.0
+    rollout_error_rate: float = 0.05
+    blue_green_window_seconds: float = 300.0
+    canary_pause_seconds: float = 60.0
 
     @property
     def temporal_target(self) -> str:
@@ -144,6 +151,11 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def revisions_dir(self) -> Path:
+        """Pinned source directories of revisions (README.md "Revisions and updates")."""
+        return self.data_dir / "revisions"
 
     @property
     def proxy_url(self) -> str:
@@ -211,4 +223,8 @@ def load_settings(env: dict | None = None) -> Settings:
         proxy_graceful_seconds=_int(env, "STANDBY_PROXY_GRACEFUL_SECONDS", 10),
         allowed_hosts=_names(env, "STANDBY_ALLOWED_HOSTS", DEFAULT_ALLOWED_HOSTS),
         allow_file_git=_bool(env, "STANDBY_ALLOW_FILE_GIT", False),
+        rollout_settle_seconds=_float(env, "STANDBY_ROLLOUT_SETTLE_SECONDS", 10.0),
+        rollout_error_rate=_float(env, "STANDBY_ROLLOUT_ERROR_RATE", 0.05),
+        blue_green_window_seconds=_float(env, "STANDBY_BLUE_GREEN_WINDOW_SECONDS", 300.0),
+        canary_pause_seconds=_float(env, "STANDBY_CANARY_PAUSE_SECONDS", 60.0),
     )

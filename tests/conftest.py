@@ -134,6 +134,8 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             # The tests' model code comes from local git repositories (off by default).
             "STANDBY_ALLOW_FILE_GIT": "1",
+            # Updates settle for a second (README.md "Revisions and updates"), not ten.
+            "STANDBY_ROLLOUT_SETTLE_SECONDS": "1",
         })
         self.env.update(extra_env or {})
         self.settings = load_settings(self.env)
@@ -199,7 +201,12 @@ class Stack:
         spec.setdefault("health_interval_seconds", 1)
         spec.setdefault("pools", [self.settings.pool])
         with self.db.session() as s:
-            s.add(Endpoint(name=name, **spec))
+            # As the web app makes it (webapp/views_common.py create_endpoint_row): revision 1 too.
+            from common.revisions import first_revision
+
+            endpoint = Endpoint(name=name, **spec)
+            endpoint.revisions.append(first_revision(endpoint))
+            s.add(endpoint)
         self.runner.run(self.client.start_workflow(
             ENDPOINT_WORKFLOW, EndpointInput(name=name), id=f"endpoint-{name}",
             task_queue=self.settings.task_queue))
