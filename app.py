@@ -12,6 +12,8 @@
     python app.py apply -f endpoint.yaml [--dry-run] [--restart]
     python app.py get endpoint NAME [-o yaml|json]
                             spec files, through the running web app (README.md "Spec files")
+    python app.py scale NAME N
+                            set the number of instances (README.md "Revisions and updates")
 """
 from __future__ import annotations
 
@@ -199,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="a YAML or JSON file of one or more specs (- reads standard input); may be repeated")
     apply.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
     apply.add_argument("--restart", action="store_true",
-                       help="save restart-class changes while instances run, and restart them")
+                       help="save restart-class changes while instances run, and roll them out")
+    apply.add_argument("--strategy", choices=["rolling", "blue-green", "canary"],
+                       help="how a change to what runs rolls out (default rolling; implies --restart)")
     get = sub.add_parser("get", help="write an endpoint's spec, ready for apply")
     get.add_argument("kind", choices=["endpoint"])
     get.add_argument("name")
     get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
-    for client in (apply, get):
+    scale = sub.add_parser("scale", help="set an endpoint's number of instances (0: automatic)")
+    scale.add_argument("name")
+    scale.add_argument("instance_count", type=int, metavar="N")
+    for client in (apply, get, scale):
         client.add_argument("--url", help="the web app (default: http://127.0.0.1:$STANDBY_WEB_PORT)")
     args = parser.parse_args(argv)
     if args.command == "worker":
@@ -217,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    if args.command in ("apply", "get"):
+    if args.command in ("apply", "get", "scale"):
         from common import cli_client
 
         url = args.url or f"http://127.0.0.1:{settings.web_port}"
         if args.command == "apply":
-            return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart)
+            return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart,
+                                        strategy=args.strategy)
+        if args.command == "scale":
+            return cli_client.cmd_scale(args.name, args.instance_count, url)
         return cli_client.cmd_get(args.name, args.output, url)
 
     if args.command == "up":

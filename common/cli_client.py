@@ -46,7 +46,8 @@ class WebApp:
         return answer.status_code, body
 
 
-def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: TextIO = sys.stdout) -> int:
+def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: TextIO = sys.stdout,
+              strategy: str | None = None) -> int:
     """Apply every spec of every file, in order; 1 when a file cannot be read (then nothing is
     applied) or any spec is refused, else 0."""
     try:
@@ -58,6 +59,8 @@ def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: Tex
     web, query = WebApp(url), {"dry_run": "true"} if dry_run else {}
     if restart:
         query["restart"] = "true"
+    if strategy:  # how a change to what runs rolls out (README.md "Revisions and updates")
+        query["strategy"] = strategy
     refused = 0
     for position, spec in enumerate(specs, start=1):
         try:
@@ -85,6 +88,21 @@ def cmd_get(name: str, output: str, url: str, out: TextIO = sys.stdout) -> int:
         print(f"standby: {answer.get('error') or f'HTTP {status}'}", file=sys.stderr)
         return 1
     out.write(dump_spec(file_spec(answer), output))
+    return 0
+
+
+def cmd_scale(name: str, count: int, url: str, out: TextIO = sys.stdout) -> int:
+    """Set an endpoint's number of instances (README.md "Revisions and updates", manual scale)."""
+    try:
+        status, answer = WebApp(url).call("POST", f"/endpoints/{quote(name, safe='')}/scale",
+                                          json={"instance_count": count})
+    except Unreachable as exc:
+        print(f"standby: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"standby: {answer.get('error') or f'HTTP {status}'}", file=sys.stderr)
+        return 1
+    print(f"endpoint {name}: " + (f"{count} instance(s)" if count else "automatic scaling"), file=out)
     return 0
 
 

@@ -212,6 +212,20 @@ class Stack:
             task_queue=self.settings.task_queue))
         return name
 
+    def new_revision(self, name: str, **changes) -> int:
+        """Change what runs, as the web app does (webapp/revisions.py make_revision): the spec
+        row, then a new revision of it; returns its number (roll it out with the `deploy` update)."""
+        from common.models import Revision
+        from common.revisions import revision_spec
+
+        with self.db.session() as s:
+            e = s.scalar(select(Endpoint).where(Endpoint.name == name))
+            for field, value in changes.items():
+                setattr(e, field, value)
+            number = max((r.number for r in e.revisions), default=0) + 1
+            s.add(Revision(endpoint_id=e.id, number=number, spec=revision_spec(e), reason="changed"))
+        return number
+
     # ---------------------------------------------------------------- observed state
     def endpoint(self, name: str) -> Endpoint:
         with self.db.session() as s:

@@ -571,9 +571,13 @@ class EndpointWorkflow:
         states = list(self._revision_states)
         self._revision_states.clear()
         named = {s.number for s in states}
+        deploying = state.rollout.target if state.rollout is not None else None
         for number in state.split:
-            if number not in before and number not in named:
+            if number not in before and number not in named and number != deploying:
                 states.append(RevisionState(number, R_SERVING, ""))
+        for number in before:
+            if number not in state.split and number not in named and number != deploying:
+                states.append(RevisionState(number, R_RETIRED, "no traffic share"))
         shares = ", ".join(f"revision {n} {p}%" for n, p in sorted(state.split.items()))
         await workflow.execute_local_activity(
             "record_revisions",
