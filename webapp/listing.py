@@ -5,7 +5,7 @@ first `limit` endpoints, in name order, whose name comes after the cursor's, so 
 same wherever it is in the list and an endpoint created meanwhile never shifts the next one.
 The cursor is opaque to clients (base64 of a small JSON object), so the order can grow another
 key without breaking them. Filters narrow the rows before the page is cut, and every page is a
-constant three queries: the endpoints, then their instances and their keys (`selectinload`),
+constant four queries: the endpoints, then their instances, keys and revisions (`selectinload`),
 never one query per endpoint.
 """
 from __future__ import annotations
@@ -130,7 +130,8 @@ def parse_list_query(args: Mapping[str, str], default_limit: int = DEFAULT_LIMIT
 def endpoint_page(query: ListQuery) -> Page:
     """One page of endpoints in name order, with their instances and keys loaded."""
     statement = (select(Endpoint).order_by(Endpoint.name).limit(query.limit + 1)
-                 .options(selectinload(Endpoint.instances), selectinload(Endpoint.api_keys)))
+                 .options(selectinload(Endpoint.instances), selectinload(Endpoint.api_keys),
+                          selectinload(Endpoint.revisions)))
     if query.after:
         statement = statement.where(Endpoint.name > query.after)
     if query.status:
