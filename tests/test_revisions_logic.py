@@ -195,6 +195,17 @@ def test_the_observation_tells_new_from_old_and_counts_new_errors():
     assert rl.observe(state, NOW).new_failures == ["instance new2 never became ready: exit 3"]
 
 
+def test_a_stopped_endpoint_still_takes_an_update_a_failed_or_terminated_one_does_not():
+    # README.md "Revisions and updates": an endpoint with nothing running updates at once.
+    state = make_state(split={1: 100})
+    state.rollout = RolloutState(1, "w", target=2, generation=1)
+    for desired, serving in ((lc.SERVING, True), (lc.WANT_STOPPED, True), (lc.WANT_FAILED, False),
+                             (lc.WANT_TERMINATED, False)):
+        state.desired = desired
+        obs = rl.observe(state, NOW)
+        assert (obs.serving, obs.old_live, obs.old_ready) == (serving, 0, []), desired
+
+
 def test_health_and_canary_steps():
     assert rl.health_problem(100, 0, 0.05) == ""
     assert rl.health_problem(100, 5, 0.05) == ""

@@ -226,6 +226,9 @@ class EndpointWorkflow:
             await self._start_rollout()
         await self._apply_rollout_step()
         await self._send_rollout_commands()
+        # A split changed by hand (set_traffic, rollback) is written before any instance of a
+        # revision that lost its share starts draining below.
+        await self._record_split()
 
         if state.desired != lc.SERVING:
             if state.rollout is not None and state.rollout.started and lc.live(state) \
@@ -512,25 +515,34 @@ class EndpointWorkflow:
                        "restart": "rolling restart done"}[r.kind]
             kind = "rollout_succeeded"
         else:
-            # Its new instances leave; the split it started from is back (written before they go).
-            for view in lc.live(state):
-                if lc.started_by(r, view) and not view.release_sent:
-                    await self._retire(view, f"update {r.rollout} {outcome.replace('_', ' ')}")
-            if r.target and r.kind == "deploy":
-                self._revision_states.append(RevisionState(r.target, R_FAILED, reason))
+            if r.target and r.kind == "deploy" and r.target not in state.split:
+                self._revision_states.append(RevisionState(
+                    r.target, R_FAILED if outcome == ROLLED_BACK else R_RETIRED,
+                    reason if outcome == ROLLED_BACK else f"update aborted: {reason}"))
             message = f"{'rolled back' if outcome == ROLLED_BACK else 'aborted'}: {reason}"
             kind = "rollout_rolled_back" if outcome == ROLLED_BACK else "rollout_aborted"
         for number in r.base_split:
             if number not in state.split and number != r.abandons:
                 self._revision_states.append(RevisionState(number, R_RETIRED, f"replaced by update {r.rollout}"))
         self._note(kind, f"update {r.rollout}: {message}")
+        # The split it ends with is written first; then the instances it leaves behind go.
         await self._record_split(force=True)
+        if outcome != SUCCEEDED:
+            for view in lc.live(state):
+                if lc.started_by(r, view) and not view.release_sent:
+                    await self._retire(view, f"update {r.rollout} {outcome.replace('_', ' ')}")
 
     async def _rollout_gone(self, r: RolloutState, why: str) -> None:
         """The rollout ended without a last step (terminated by an operator): the split it started
-        from comes back, so traffic is never left split by accident."""
-        if self.state.rollout is r:
-            await self._finish_rollout(r, "aborted", why, r.base_split)
+        from comes back, so traffic is never left split by accident. A rollout that ended with its
+        last step is not gone: that step reached this workflow before its end did (it signals, then
+        completes), so it is applied as sent."""
+        if self.state.rollout is not r:
+            return
+        if r.step is not None and r.step.done:
+            await self._apply_rollout_step()
+            return
+        await self._finish_rollout(r, "aborted", why, r.base_split)
 
     async def _send_rollout_commands(self) -> None:
         r = self.state.rollout

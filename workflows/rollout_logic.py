@@ -37,7 +37,8 @@ def observe(state: lc.EndpointState, now: float) -> RolloutObservation | None:
         old_live=len(old_live),
         new_requests=counts[0],
         new_errors=counts[1],
-        serving=state.desired == lc.SERVING,
+        # A stopped endpoint still takes an update (nothing runs: it switches at once).
+        serving=state.desired not in (lc.WANT_FAILED, lc.WANT_TERMINATED),
     )
 
 
