@@ -120,8 +120,11 @@ class ProxyHandler:
         if rule:
             chosen = self._by_rule(req, rule)
         else:
-            # With a traffic split, the revision first (README.md "Revisions and updates").
-            req.view = self.revisions.narrow_for(req.view, req.client_ip, self._sticky_id(req))
+            # With a traffic split, the revision first (README.md "Revisions and updates"); a routes
+            # endpoint's /ping takes no turn of the split and wakes no sleeping revision.
+            req.view = self.revisions.narrow_for(
+                req.view, req.client_ip, self._sticky_id(req),
+                health_check=req.view.source_kind == "routes" and self._is_health_check(req))
             chosen = self._ready_instance(req)
             if chosen is None:
                 if wants_event_stream(environ) and self.keepalive_seconds > 0:

@@ -33,7 +33,15 @@ class RevisionPicker:
             return hashed_choice(split, client_ip)
         return smooth_weighted_choice(split, self._counters.setdefault(view.name, {}))
 
-    def narrow_for(self, view: EndpointView, client_ip: str = "", sticky_id: str | None = None) -> EndpointView:
+    def narrow_for(self, view: EndpointView, client_ip: str = "", sticky_id: str | None = None,
+                   health_check: bool = False) -> EndpointView:
+        """The view with only the chosen revision's instances. A routes endpoint's health check
+        (`/ping`) takes no turn of the split, so a 10% revision still gets exactly its share of
+        the real requests: it goes to the primary revision (the largest share), or, while that one
+        has no instance, to any running one, and wakes no sleeping revision."""
+        if health_check and view.split:
+            primary_only = narrow(view, primary(dict(view.split)))
+            return primary_only if primary_only.instances else view
         return narrow(view, self.choose(view, client_ip, sticky_id))
 
 

@@ -119,6 +119,19 @@ def test_the_proxy_narrows_a_request_to_one_revision_by_the_split():
     assert len({picker.choose(hashed, client_ip="10.1.2.3") for _ in range(20)}) == 1
 
 
+def test_a_health_check_takes_no_turn_of_the_split_and_wakes_no_sleeping_revision():
+    picker = RevisionPicker()
+    seen = []
+    for n in range(100):
+        if n % 3 == 0:  # a /ping between requests goes to the primary revision
+            assert picker.narrow_for(view(), health_check=True).revision == 1
+        seen.append(picker.narrow_for(view()).revision)
+    assert Counter(seen) == {1: 90, 2: 10}
+    # The primary revision asleep: any running instance answers it, the other revision's included.
+    asleep = view(instances=(InstanceView("bbbb", "127.0.0.1:2", 0, 2),))
+    assert [i.id for i in picker.narrow_for(asleep, health_check=True).instances] == ["bbbb"]
+
+
 def test_without_a_split_the_whole_endpoint_is_one_group():
     plain = view(split=(), instances=(InstanceView("aaaa", "127.0.0.1:1"),))
     assert RevisionPicker().narrow_for(plain) is plain
