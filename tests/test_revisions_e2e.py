@@ -231,6 +231,10 @@ def test_a_canary_at_10_percent_gets_10_percent_then_is_promoted(world):
     wait_traffic(world, name, {"1": 90, "2": 10})
     assert world.api("PUT", f"/endpoints/{name}/traffic", json={"traffic": {"1": 50, "2": 50}}).status_code == 409
     session = requests.Session()
+    # The proxy's view follows the split within its refresh (a second): count from its first
+    # answer from the canary.
+    wait_until(lambda: session.get(f"{world.proxy}/e/{name}/", timeout=30).headers.get("Deploy-Revision") == "2",
+               10, 0, "the proxy to route to the canary")
     seen: Counter = Counter()
     failed = 0
     for _ in range(1000):
@@ -247,6 +251,8 @@ def test_a_canary_at_10_percent_gets_10_percent_then_is_promoted(world):
         assert world.api("POST", f"/endpoints/{name}/promote").status_code == 202
         wait_traffic(world, name, {"2": 100})
         wait_state(world, name, 2, "serving")
+        # The proxy's view follows within its refresh (a second).
+        wait_until(lambda: load.revisions()[-1:] == ["2"], 10, 0.05, "answers from revision 2")
         load.more()
     record("canary promoted to 100%", load)
     assert load.failures == [] and load.revisions()[-1] == "2"
@@ -294,6 +300,8 @@ def test_blue_green_switches_at_once_and_rolls_back_to_the_warm_old_set(world):
         load.more()
         patch(world, name, {"env": [{"key": "GREETING", "value": "green"}]}, strategy="blue-green", window="120")
         wait_traffic(world, name, {"2": 100})
+        # The proxy's view follows within its refresh (a second).
+        wait_until(lambda: "2" in load.revisions(), 10, 0.05, "answers from revision 2")
         load.more(40)
         seen = load.revisions()
         switched = seen.index("2")
