@@ -136,7 +136,8 @@ SPEC: tuple[SpecField, ...] = (
                                     "namespace, so many can use the same port; or write $PORT in the command to "
                                     "get a free port instead."),
     _text("source_dir", "", "Source directory", 4096, column=Text, edit=RESTART, readers=(WORKER,),
-          section="source", only_for="server", help="Optional; copied fresh into each instance's working directory."),
+          section="source", only_for="server", help="Optional; copied once when its revision is made, and from "
+                                                    "that copy into each instance's working directory."),
     SpecField("env", ENV, [], "Environment variables", "KEY=value pairs given to every instance; secret ones "
               "are never shown again.", edit=RESTART, readers=(WORKER,), section="source", column=JSON),
     SpecField("model_version_id", REF, None, "Model version", "A version from the model registry, or leave this "
@@ -145,7 +146,7 @@ SPEC: tuple[SpecField, ...] = (
               why="the range of an id", what="an id", column=Integer, foreign_key="model_versions.id"),
     _text("git_url", "", "Git URL", 2048, column=Text, edit=RESTART, readers=(WORKER,), section="source",
           only_for="routes",
-          help="Instead of a model version: cloned at each start."),
+          help="Instead of a model version: its ref is resolved to a commit when its revision is made."),
     _text("git_ref", "", "Git ref", 255, edit=RESTART, readers=(WORKER,), section="source", only_for="routes",
           help="Branch, tag or commit, e.g. main."),
     SpecField("routes", ROUTES, [], "Routes", "HTTP verb + path -> file + function, with typed parameters.",
