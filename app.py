@@ -18,6 +18,8 @@
                             accounts, on this machine's database (README.md "Accounts and projects")
     python app.py rotate-secrets
                             seal stored secret values with the newest key (README.md "Secrets at rest")
+    python app.py scale NAME N
+                            set the number of instances (README.md "Revisions and updates")
 """
 from __future__ import annotations
 
@@ -290,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="a YAML or JSON file of one or more specs (- reads standard input); may be repeated")
     apply.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
     apply.add_argument("--restart", action="store_true",
-                       help="save restart-class changes while instances run, and restart them")
+                       help="save restart-class changes while instances run, and roll them out")
+    apply.add_argument("--strategy", choices=["rolling", "blue-green", "canary"],
+                       help="how a change to what runs rolls out (default rolling; implies --restart)")
     get = sub.add_parser("get", help="write an endpoint's spec, ready for apply")
     get.add_argument("kind", choices=["endpoint"])
     get.add_argument("name")
     get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     apply.add_argument("--project", help="the project new endpoints go to (default: your only project "
                                          "where you are a developer, else default)")
-    for client in (apply, get):
+    scale = sub.add_parser("scale", help="set an endpoint's number of instances (0: automatic)")
+    scale.add_argument("name")
+    scale.add_argument("instance_count", type=int, metavar="N")
+    for client in (apply, get, scale):
         client.add_argument("--url", help="the web app (default: http://127.0.0.1:$STANDBY_WEB_PORT)")
     create_user = sub.add_parser("create-user", help="create an account (prints its password once)")
     create_user.add_argument("name")
@@ -319,14 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    if args.command in ("apply", "get"):
+    if args.command in ("apply", "get", "scale"):
         from common import cli_client
 
         url = args.url or f"http://127.0.0.1:{settings.web_port}"
         token = cli_client.find_token(settings)
         if args.command == "apply":
             return cli_client.cmd_apply(args.filename, url, dry_run=args.dry_run, restart=args.restart,
-                                        token=token, project=args.project)
+                                        token=token, project=args.project, strategy=args.strategy)
+        if args.command == "scale":
+            return cli_client.cmd_scale(args.name, args.instance_count, url, token=token)
         return cli_client.cmd_get(args.name, args.output, url, token=token)
     if args.command in ("create-user", "reset-password"):
         return cmd_accounts(args, settings)

@@ -69,7 +69,7 @@ class WebApp:
 
 
 def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: TextIO = sys.stdout,
-              token: str | None = None, project: str | None = None) -> int:
+              token: str | None = None, project: str | None = None, strategy: str | None = None) -> int:
     """Apply every spec of every file, in order; 1 when a file cannot be read (then nothing is
     applied) or any spec is refused, else 0."""
     try:
@@ -83,6 +83,8 @@ def cmd_apply(paths: list[str], url: str, dry_run: bool, restart: bool, out: Tex
         query["restart"] = "true"
     if project:
         query["project"] = project
+    if strategy:  # how a change to what runs rolls out (README.md "Revisions and updates")
+        query["strategy"] = strategy
     refused = 0
     for position, spec in enumerate(specs, start=1):
         try:
@@ -110,6 +112,21 @@ def cmd_get(name: str, output: str, url: str, out: TextIO = sys.stdout, token: s
         print(f"standby: {answer.get('error') or f'HTTP {status}'}", file=sys.stderr)
         return 1
     out.write(dump_spec(file_spec(answer), output))
+    return 0
+
+
+def cmd_scale(name: str, count: int, url: str, out: TextIO = sys.stdout, token: str | None = None) -> int:
+    """Set an endpoint's number of instances (README.md "Revisions and updates", manual scale)."""
+    try:
+        status, answer = WebApp(url, token).call("POST", f"/endpoints/{quote(name, safe='')}/scale",
+                                          json={"instance_count": count})
+    except Unreachable as exc:
+        print(f"standby: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"standby: {answer.get('error') or f'HTTP {status}'}", file=sys.stderr)
+        return 1
+    print(f"endpoint {name}: " + (f"{count} instance(s)" if count else "automatic scaling"), file=out)
     return 0
 
 

@@ -173,6 +173,13 @@ class Settings:
         from common.cost import parse_prices
 
         return parse_prices(self.prices, self.currency)
+    # Updates (README.md "Revisions and updates"), unless an update says otherwise: how long each
+    # new instance serves before the next step, the error rate of new instances that rolls an
+    # update back, how long blue-green keeps the old set, and a canary's pause between steps.
+    rollout_settle_seconds: float = 10.0
+    rollout_error_rate: float = 0.05
+    blue_green_window_seconds: float = 300.0
+    canary_pause_seconds: float = 60.0
 
     @property
     def temporal_target(self) -> str:
@@ -193,6 +200,11 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def revisions_dir(self) -> Path:
+        """Pinned source directories of revisions (README.md "Revisions and updates")."""
+        return self.data_dir / "revisions"
 
     @property
     def proxy_url(self) -> str:
@@ -277,6 +289,10 @@ def load_settings(env: dict | None = None) -> Settings:
         log_max_bytes=_int(env, "STANDBY_LOG_MAX_BYTES", 64 * 1024 * 1024),
         log_keep=_int(env, "STANDBY_LOG_KEEP", 3),
         currency=env.get("STANDBY_CURRENCY") or "USD",
+        rollout_settle_seconds=_float(env, "STANDBY_ROLLOUT_SETTLE_SECONDS", 10.0),
+        rollout_error_rate=_float(env, "STANDBY_ROLLOUT_ERROR_RATE", 0.05),
+        blue_green_window_seconds=_float(env, "STANDBY_BLUE_GREEN_WINDOW_SECONDS", 300.0),
+        canary_pause_seconds=_float(env, "STANDBY_CANARY_PAUSE_SECONDS", 60.0),
     )
 
 

@@ -4,8 +4,9 @@ Plain SQLAlchemy declarative models so that the worker and the proxy use them wi
 app; the web app hands `Base` to Flask-SQLAlchemy as its model class.
 
 Single writer per column group (docs/architecture.md "Who owns what"):
-- spec columns of `Endpoint`, `ApiKey`, `Model`, `ModelVersion`: the web app;
-- `Endpoint.status*`, `Instance`, `Event`: worker activities;
+- spec columns of `Endpoint`, `ApiKey`, `Model`, `ModelVersion`, and new `Revision` rows: the web app;
+- `Endpoint.status*`, `Instance`, `Event`, a revision's pinned source, state and traffic share:
+  worker activities;
 - nothing on the hot path writes to the database.
 """
 from __future__ import annotations
@@ -84,6 +85,9 @@ class Endpoint(EndpointSpecColumns, Base):
         back_populates="endpoint", cascade="all, delete-orphan", order_by="Instance.created_at.desc()"
     )
     api_keys: Mapped[list["ApiKey"]] = relationship(back_populates="endpoint", cascade="all, delete-orphan")
+    revisions: Mapped[list["Revision"]] = relationship(
+        back_populates="endpoint", cascade="all, delete-orphan", order_by="Revision.number.desc()"
+    )
 
     @property
     def workflow_id(self) -> str:
@@ -96,6 +100,8 @@ class Instance(Base):
     id: Mapped[str] = mapped_column(String(16), primary_key=True)  # short id, e.g. "xykemlvy"
     endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"), index=True)
     generation: Mapped[int] = mapped_column(Integer, default=0)
+    # The revision it runs (common/revisions.py); 0 for an endpoint without revisions.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default=I_QUEUED)
     reason: Mapped[str] = mapped_column(Text, default="")
     host: Mapped[str] = mapped_column(String(255), default="")
@@ -119,6 +125,36 @@ class Instance(Base):
     price_per_hour: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     endpoint: Mapped[Endpoint] = relationship(back_populates="instances")
+
+
+class Revision(Base):
+    """An immutable snapshot of what an endpoint runs (README.md "Revisions and updates").
+
+    Made by the web app (number, spec, why); its source pinned once by a worker (`source_commit`,
+    `source_snapshot`, `pinned_at`); its `state` and `traffic` share kept by the endpoint's
+    workflow through worker activities."""
+
+    __tablename__ = "revisions"
+    __table_args__ = (UniqueConstraint("endpoint_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    # The revision fields (common/revisions.py REVISION_FIELDS) as they were when it was made.
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # ---- its pinned source: written once, by a worker ----
+    source_commit: Mapped[str] = mapped_column(String(64), default="")
+    source_snapshot: Mapped[str] = mapped_column(Text, default="")
+    pinned_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # ---- kept by the endpoint's workflow (worker activities) ----
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    traffic: Mapped[int] = mapped_column(Integer, default=0)  # percent of requests
+    strategy: Mapped[str] = mapped_column(String(16), default="")
+
+    endpoint: Mapped[Endpoint] = relationship(back_populates="revisions")
 
 
 class Event(Base):

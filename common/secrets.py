@@ -139,22 +139,33 @@ def seal_stored_values(database_url: str, box: SecretBox, *, reseal: bool = Fals
     from sqlalchemy import select
 
     from common.db import Database
-    from common.models import Endpoint
+    from common.models import Endpoint, Revision
+
+    def sealed(env: list[dict] | None) -> tuple[list[dict], int]:
+        out, changed = [], 0
+        for item in env or []:
+            value = item.get("value") or ""
+            if item.get("secret") and value and (reseal or not is_sealed(value)):
+                item = {**item, "value": box.reseal(value) if reseal else box.seal(value)}
+                changed += 1
+            out.append(item)
+        return out, changed
 
     database = Database(database_url)
     count = 0
     try:
         with database.session() as session:
             for endpoint in session.scalars(select(Endpoint)):
-                env = []
-                for item in endpoint.env or []:
-                    value = item.get("value") or ""
-                    if item.get("secret") and value and (reseal or not is_sealed(value)):
-                        item = {**item, "value": box.reseal(value) if reseal else box.seal(value)}
-                        count += 1
-                    env.append(item)
-                if env != (endpoint.env or []):
+                env, changed = sealed(endpoint.env)
+                if changed:
                     endpoint.env = env
+                    count += changed
+            # A revision keeps the environment it runs with (README.md "Revisions and updates").
+            for revision in session.scalars(select(Revision)):
+                env, changed = sealed((revision.spec or {}).get("env"))
+                if changed:
+                    revision.spec = {**revision.spec, "env": env}
+                    count += changed
     finally:
         database.engine.dispose()
     return count

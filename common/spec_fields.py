@@ -146,17 +146,17 @@ SPEC: tuple[SpecField, ...] = (
                                     "namespace, so many can use the same port; or write $PORT in the command to "
                                     "get a free port instead."),
     _text("source_dir", "", "Source directory", 4096, column=Text, edit=RESTART, readers=(WORKER,),
-          section="source", only_for="server", help="Optional; copied fresh into each instance's working directory."),
+          section="source", only_for="server", help="Optional; copied once when its revision is made, and from "
+                                                    "that copy into each instance's working directory."),
     SpecField("env", ENV, [], "Environment variables", "KEY=value pairs given to every instance; secret ones "
               "are never shown again.", edit=RESTART, readers=(WORKER,), section="source", column=JSON),
     SpecField("model_version_id", REF, None, "Model version", "A version from the model registry, or leave this "
-              "and give a git URL.", edit=IMMUTABLE, readers=(WORKER,), section="source", only_for="routes",
-              low=1, high=2**31 - 1,
-              why="the range of an id", what="an id", column=Integer, foreign_key="model_versions.id",
-              instead="create a new endpoint for another model version"),
+              "and give a git URL. Changing it deploys a new revision.", edit=RESTART, readers=(WORKER,),
+              section="source", only_for="routes", low=1, high=2**31 - 1,
+              why="the range of an id", what="an id", column=Integer, foreign_key="model_versions.id"),
     _text("git_url", "", "Git URL", 2048, column=Text, edit=RESTART, readers=(WORKER,), section="source",
           only_for="routes",
-          help="Instead of a model version: cloned at each start."),
+          help="Instead of a model version: its ref is resolved to a commit when its revision is made."),
     _text("git_ref", "", "Git ref", 255, edit=RESTART, readers=(WORKER,), section="source", only_for="routes",
           help="Branch, tag or commit, e.g. main."),
     SpecField("routes", ROUTES, [], "Routes", "HTTP verb + path -> file + function, with typed parameters.",
@@ -183,6 +183,10 @@ SPEC: tuple[SpecField, ...] = (
          section="scaling", help="Kept running even when idle."),
     _int("max_instances", 1, "Max instances", 1, 100, "instances per endpoint", readers=(LIFECYCLE, PROXY),
          section="scaling"),
+    _int("instance_count", 0, "Instance count (manual scale)", 0, 100, "instances per endpoint", readers=(LIFECYCLE,),
+         section="scaling", help="How many instances to keep running, from min to max instances; 0 = automatic "
+                                 "(min instances, more on demand up to max). Set by Scale; fewer stops the extra "
+                                 "ones at once."),
     _int("idle_retention_seconds", 600, "Idle retention", 1, 30 * DAY, "30 days", readers=(LIFECYCLE,),
          section="scaling", what="a whole number of seconds", form_unit=("minutes", 60),
          help="How long an instance is kept after its last request."),

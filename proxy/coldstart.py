@@ -23,6 +23,7 @@ from gevent.event import AsyncResult, Event
 
 from proxy.balancer import Balancer
 from proxy.metrics import Metrics
+from proxy.revisions import narrow
 from proxy.routing_view import EndpointView, InstanceView, RoutingView
 from proxy.lifecycle_client import ERR_REPLICA_QUOTA, ERR_TIMEOUT, ERR_UNAVAILABLE, LifecycleClient, LifecycleError
 from proxy.traffic import Claim, TrafficTracker
@@ -85,9 +86,10 @@ class ColdStarts:
         self.balancer = balancer
         self.tracker = tracker
         self.metrics = metrics
-        self._wakes: dict[str, AsyncResult] = {}
-        self._scale_outs: dict[str, AsyncResult] = {}
-        self._scale_out_refused_at: dict[str, float] = {}
+        # Keyed by (endpoint, revision): each revision of a split wakes and scales on its own.
+        self._wakes: dict[tuple[str, int], AsyncResult] = {}
+        self._scale_outs: dict[tuple[str, int], AsyncResult] = {}
+        self._scale_out_refused_at: dict[tuple[str, int], float] = {}
         self._changed: dict[str, Event] = {}
         # How long a held request waits through Temporal being unreachable (it restarts).
         self.outage_grace_seconds = outage_grace_seconds
@@ -115,68 +117,75 @@ class ColdStarts:
         event.wait(timeout)
 
     # ---- shared lifecycle calls ----
-    def _shared(self, table: dict[str, AsyncResult], view: EndpointView, call) -> AsyncResult:
-        pending = table.get(view.name)
+    def _shared(self, table: dict[tuple[str, int], AsyncResult], view: EndpointView, call) -> AsyncResult:
+        key = (view.name, view.revision)
+        pending = table.get(key)
         if pending is None:
-            pending = table[view.name] = AsyncResult()
-            gevent.spawn(self._run_shared, table, view, call, pending)
+            pending = table[key] = AsyncResult()
+            gevent.spawn(self._run_shared, table, key, call, pending)
         return pending
 
-    def _run_shared(self, table, view: EndpointView, call, pending: AsyncResult) -> None:
+    def _run_shared(self, table, key: tuple[str, int], call, pending: AsyncResult) -> None:
         try:
             pending.set(call())
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear about the failure
             pending.set_exception(exc)
         finally:
-            table.pop(view.name, None)
-            self.notify(view.name)
+            table.pop(key, None)
+            self.notify(key[0])
 
     def wake(self, view: EndpointView) -> AsyncResult:
+        """Wake the endpoint (the view's revision, when it is narrowed to one)."""
         def call():
-            result = self.lifecycle.wake(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
+            result = self.lifecycle.wake(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5,
+                                         revision=view.revision)
             self.routing.learn(view.name, InstanceView(result.instance_id, result.address,
-                                                       _ready_at(result)))
+                                                       _ready_at(result), _revision(result)))
             if result.cold_start:
                 self.metrics.cold_start(view.name)
             return result
 
-        first = view.name not in self._wakes
+        first = (view.name, view.revision) not in self._wakes
         pending = self._shared(self._wakes, view, call)
         if first:
-            gevent.spawn(self._poll_until_ready, view.name, pending)
+            gevent.spawn(self._poll_until_ready, view.name, pending, view.revision)
         return pending
 
-    def _poll_until_ready(self, name: str, pending: AsyncResult) -> None:
+    def _poll_until_ready(self, name: str, pending: AsyncResult, revision: int = 0) -> None:
         """While a wake is pending, look for the instance in the database every few milliseconds:
         the worker records it ready before the lifecycle's answer makes its way back through
-        Temporal (or while Temporal restarts). One poller per endpoint and process, however many
-        requests are held."""
+        Temporal (or while Temporal restarts). One poller per endpoint (and revision) and process,
+        however many requests are held."""
         while not pending.ready():
             pending.wait(COLD_START_POLL_SECONDS)
-            if not pending.ready() and self.routing.poll_ready(name):
+            if not pending.ready() and self.routing.poll_ready(name, revision):
                 self.notify(name)
                 return
 
     def scale_out_on_demand(self, view: EndpointView) -> AsyncResult | None:
-        refused_at = self._scale_out_refused_at.get(view.name, 0.0)
-        if view.name not in self._scale_outs and time.monotonic() - refused_at < SCALE_OUT_COOLDOWN_SECONDS:
+        key = (view.name, view.revision)
+        refused_at = self._scale_out_refused_at.get(key, 0.0)
+        if key not in self._scale_outs and time.monotonic() - refused_at < SCALE_OUT_COOLDOWN_SECONDS:
             return None
 
         def call():
             try:
-                result = self.lifecycle.scale_out(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5)
+                result = self.lifecycle.scale_out(view.name, uuid.uuid4().hex, timeout=view.startup_timeout_seconds + 5,
+                                                  revision=view.revision)
             except LifecycleError:
-                self._scale_out_refused_at[view.name] = time.monotonic()
+                self._scale_out_refused_at[key] = time.monotonic()
                 raise
-            self.routing.learn(view.name, InstanceView(result.instance_id, result.address, _ready_at(result)))
+            self.routing.learn(view.name, InstanceView(result.instance_id, result.address, _ready_at(result),
+                                                       _revision(result)))
             return result
 
         return self._shared(self._scale_outs, view, call)
 
     def scale_out_for(self, view: EndpointView, request_id: str) -> Acquired:
         """`Deploy-Route-Rule: scale-out`: a new instance for this request alone."""
-        result = self.lifecycle.scale_out(view.name, request_id, timeout=view.startup_timeout_seconds + 5)
-        instance = InstanceView(result.instance_id, result.address, _ready_at(result))
+        result = self.lifecycle.scale_out(view.name, request_id, timeout=view.startup_timeout_seconds + 5,
+                                          revision=view.revision)
+        instance = InstanceView(result.instance_id, result.address, _ready_at(result), _revision(result))
         self.routing.learn(view.name, instance)
         self.notify(view.name)
         return Acquired(self.tracker.claim(view.name, instance.id), instance, cold_start=True)
@@ -194,25 +203,26 @@ class ColdStarts:
 
     def acquire(
         self, name: str, client_ip: str, sticky_id: str | None, tick_seconds: float | None,
-        arrived_at: float, client_wait: float | None = None, room=None,
+        arrived_at: float, client_wait: float | None = None, room=None, revision: int = 0,
     ) -> Generator[None, None, Acquired]:
-        """Wait for an instance with room and claim it; yields once per `tick_seconds` (SSE
-        keep-alives). Bounded by the startup timeout and by `client_wait` when the client set one.
-        `room(view, candidates)` narrows the candidates further (a WebSocket's `max_websockets`)."""
-        view = self.routing.get(name)
+        """Wait for an instance with room (of `revision`, when the endpoint splits its traffic)
+        and claim it; yields once per `tick_seconds` (SSE keep-alives). Bounded by the startup
+        timeout and by `client_wait` when the client set one. `room(view, candidates)` narrows the
+        candidates further (a WebSocket's `max_websockets`)."""
+        view = narrow(self.routing.get(name), revision)
         if view is None:
             raise EndpointGone()
         if not view.instances:
             # The cached view may be a refresh behind: an instance that is ready already must
             # serve this request warm, not wait for (and be counted as) a start.
-            self.routing.poll_ready(name)
+            self.routing.poll_ready(name, view.revision)
         started = time.monotonic()
         deadline = started + view.startup_timeout_seconds
         client_deadline = started + client_wait if client_wait is not None else None
         next_tick = started + tick_seconds if tick_seconds else None
         outage_since: float | None = None
         while True:
-            view = self.routing.get(name)
+            view = narrow(self.routing.get(name), revision)
             if view is None:
                 raise EndpointGone()
             if view.status in NOT_SERVING_STATES:
@@ -266,6 +276,10 @@ def _passing(exc: BaseException) -> bool:
 
 def _ready_at(result) -> float:
     return float(getattr(result, "ready_at", None) or time.time())
+
+
+def _revision(result) -> int:
+    return int(getattr(result, "revision", 0) or 0)
 
 
 def pick(balancer: Balancer, view: EndpointView, candidates, client_ip: str, sticky_id: str | None) -> InstanceView:

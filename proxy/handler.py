@@ -47,6 +47,7 @@ from proxy.forward import (
 )
 from proxy.headers import cookie_value, forward_headers, wants_event_stream
 from proxy.metrics import Metrics
+from proxy.revisions import RevisionPicker, narrow
 from proxy.routing_view import EndpointView, RoutingView
 from proxy.server import TAKEN_OVER, arrival_of, take_over
 from proxy.lifecycle_client import LifecycleError
@@ -109,6 +110,7 @@ class ProxyHandler:
         self.keepalive_seconds = keepalive_seconds
         self.body_timeout_seconds = body_timeout_seconds
         self.sockets = sockets or Sockets(routing)
+        self.revisions = RevisionPicker()
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
@@ -126,6 +128,11 @@ class ProxyHandler:
         if rule:
             chosen = self._by_rule(req, rule)
         else:
+            # With a traffic split, the revision first (README.md "Revisions and updates"); a routes
+            # endpoint's /ping takes no turn of the split and wakes no sleeping revision.
+            req.view = self.revisions.narrow_for(
+                req.view, req.client_ip, self._sticky_id(req),
+                health_check=req.view.source_kind == "routes" and self._is_health_check(req))
             chosen = self._ready_instance(req)
             if chosen is None:
                 if req.websocket and self._sockets_full(req.view):
@@ -257,8 +264,14 @@ class ProxyHandler:
     def _by_rule(self, req: Request, rule: str) -> Acquired | ErrorReply:
         view = req.view
         if rule.lower() == RULE_SCALE_OUT:
+            req.view = self.revisions.narrow_for(view, req.client_ip)
             return self._scale_out(req)
         if rule.lower() in (RULE_RANDOM, RULE_ROUND_ROBIN):
+            # Among the running instances of the revision the split picks, else of any revision;
+            # an instance id (below) pins its instance whatever its revision.
+            narrowed = self.revisions.narrow_for(view, req.client_ip)
+            if narrowed.instances:
+                view = req.view = narrowed
             if not view.instances and self.routing.poll_ready(view.name):
                 view = req.view = self.routing.get(view.name) or view
             if not view.instances:  # a rule picks among running instances; it wakes nothing
@@ -299,7 +312,8 @@ class ProxyHandler:
             return overloaded(self.metrics, req.name, "hold queue full")
         try:
             steps = self.coldstarts.acquire(req.name, req.client_ip, self._sticky_id(req), None, req.arrived_at,
-                                            req.client_wait, room=self.sockets.with_room if req.websocket else None)
+                                            req.client_wait, room=self.sockets.with_room if req.websocket else None,
+                                            revision=req.view.revision)
             return run_to_end(steps)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON answer
             return held_failure(self.metrics, req.name, exc)
@@ -324,7 +338,7 @@ class ProxyHandler:
     def _event_stream_body(self, req: Request, start_response):
         committed = False
         steps = self.coldstarts.acquire(req.name, req.client_ip, self._sticky_id(req), self.keepalive_seconds,
-                                        req.arrived_at, req.client_wait)
+                                        req.arrived_at, req.client_wait, revision=req.view.revision)
         try:
             while True:
                 try:
@@ -384,6 +398,7 @@ class ProxyHandler:
                     break
                 except ConnectFailed as exc:
                     claim.release()
+                    self.tracker.error(req.name, instance.id)
                     # Released (or dead) since the view was loaded: send nothing more there.
                     self.routing.forget(instance.id)
                     again = self._another_instance(req, tried) if len(tried) <= MAX_SUBSTITUTES else None
@@ -403,13 +418,18 @@ class ProxyHandler:
                     return self._error_triple(req, client_body_error(exc.status, str(exc)), instance.id, cold_start)
                 except UpstreamFailed as exc:
                     claim.release()
+                    self.tracker.error(req.name, instance.id)
                     return self._error_triple(req, bad_gateway(instance, exc), instance.id, cold_start)
         except BaseException:
             claim.release()
             raise
 
+        if resp.status >= 500:  # an update's new instances are judged by these (proxy/traffic.py)
+            self.tracker.error(req.name, instance.id)
         out = response_headers(resp)
         out.append(("Deploy-Route-Target", instance.id))
+        if instance.revision:
+            out.append(("Deploy-Revision", str(instance.revision)))
         out.append(("Deploy-Cold-Start", "true" if cold_start else "false"))
         out.append(("X-Request-Id", req.request_id))
         out.append(("X-Accel-Buffering", "no"))
@@ -477,7 +497,7 @@ class ProxyHandler:
         rule = req.environ.get("HTTP_DEPLOY_ROUTE_RULE", "").strip().lower()
         if rule not in ("", RULE_RANDOM, RULE_ROUND_ROBIN):
             return None  # a pinned instance id or a fresh scale-out: no substitute
-        view = self.routing.get(req.name) or req.view
+        view = narrow(self.routing.get(req.name), req.view.revision) or req.view
         others = [inst for inst in self.balancer.available(view) if inst.id not in tried]
         if req.websocket:
             others = self.sockets.with_room(view, others)

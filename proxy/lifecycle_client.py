@@ -76,11 +76,12 @@ class LifecycleClient:
         self.bridge.start()
         self.bridge.connect_soon()
 
-    def wake(self, endpoint: str, request_id: str, timeout: float) -> WakeResult:
-        return self._update(endpoint, UPDATE_WAKE, WakeRequest(request_id), WakeResult, timeout)
+    def wake(self, endpoint: str, request_id: str, timeout: float, revision: int = 0) -> WakeResult:
+        return self._update(endpoint, UPDATE_WAKE, WakeRequest(request_id, revision), WakeResult, timeout)
 
-    def scale_out(self, endpoint: str, request_id: str, timeout: float) -> ScaleOutResult:
-        return self._update(endpoint, UPDATE_SCALE_OUT, ScaleOutRequest(request_id), ScaleOutResult, timeout)
+    def scale_out(self, endpoint: str, request_id: str, timeout: float, revision: int = 0) -> ScaleOutResult:
+        return self._update(endpoint, UPDATE_SCALE_OUT, ScaleOutRequest(request_id, revision), ScaleOutResult,
+                            timeout)
 
     def send_traffic(self, endpoint: str, report: TrafficReport) -> None:
         self.bridge.signal_soon(endpoint, SIGNAL_TRAFFIC, report)

@@ -29,6 +29,7 @@ from common.models import (
     ApiKey,
     Endpoint,
     Instance,
+    Revision,
 )
 
 log = logging.getLogger("standby.proxy.routing")
@@ -48,6 +49,8 @@ class InstanceView:
     # Unix time it became ready (0: unknown). A request that arrived before it waited for a start:
     # that, and only that, is a cold start (`Deploy-Cold-Start: true`).
     ready_at: float = 0.0
+    # The revision it runs (`Deploy-Revision`); 0 for an endpoint without revisions.
+    revision: int = 0
 
 
 def _instance(self, instance_id: str) -> InstanceView | None:
@@ -75,6 +78,11 @@ EndpointView = make_dataclass("EndpointView", [
     ("draining_ids", frozenset, field(default=frozenset())),
     # Every instance not yet stopped or failed (for scale-out decisions).
     ("live_count", int, field(default=0)),
+    # The traffic split: (revision, percent) pairs summing to 100; empty without revisions
+    # (README.md "Revisions and updates"). proxy/revisions.py picks a revision per request.
+    ("split", tuple, field(default=())),
+    # Set on a view narrowed to one revision's instances (0: the whole endpoint).
+    ("revision", int, field(default=0)),
 ], frozen=True, namespace={"instance": _instance})
 EndpointView.__module__ = __name__
 
@@ -167,9 +175,14 @@ class RoutingView:
             # history of long-stopped instances would grow every refresh without bound.
             recent = datetime.now(timezone.utc) - timedelta(seconds=2 * LEARNED_TTL_SECONDS)
             instance_rows = session.execute(
-                select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.ready_at)
+                select(Instance.endpoint_id, Instance.id, Instance.status, Instance.address, Instance.ready_at,
+                       Instance.revision)
                 .where(or_(Instance.status.in_(INSTANCE_LIVE_STATES), Instance.stopped_at >= recent))
                 .order_by(Instance.created_at, Instance.id)
+            ).all()
+            split_rows = session.execute(
+                select(Revision.endpoint_id, Revision.number, Revision.traffic).where(Revision.traffic > 0)
+                .order_by(Revision.number)
             ).all()
             key_rows = session.execute(
                 select(ApiKey.endpoint_id, ApiKey.key_hash).where(ApiKey.revoked_at.is_(None))
@@ -182,13 +195,17 @@ class RoutingView:
         draining: dict[int, set[str]] = {}
         live: dict[int, int] = {}
         seen: dict[int, set[str]] = {}
-        for endpoint_id, inst_id, status, address, ready_at in instance_rows:
+        splits: dict[int, list[tuple[int, int]]] = {}
+        for endpoint_id, number, traffic in split_rows:
+            splits.setdefault(endpoint_id, []).append((number, traffic))
+        for endpoint_id, inst_id, status, address, ready_at, revision in instance_rows:
             if status not in (I_QUEUED, I_PROVISIONING, I_STARTING):
                 seen.setdefault(endpoint_id, set()).add(inst_id)
             if status in INSTANCE_LIVE_STATES:
                 live[endpoint_id] = live.get(endpoint_id, 0) + 1
             if status == I_READY and address:
-                ready.setdefault(endpoint_id, []).append(InstanceView(inst_id, address, _epoch(ready_at)))
+                ready.setdefault(endpoint_id, []).append(InstanceView(inst_id, address, _epoch(ready_at),
+                                                                     revision or 0))
             elif status == I_DRAINING:
                 draining.setdefault(endpoint_id, set()).add(inst_id)
 
@@ -208,20 +225,21 @@ class RoutingView:
                 instances=tuple(ready.get(row.id, ())),
                 draining_ids=frozenset(draining.get(row.id, ())),
                 live_count=live.get(row.id, 0),
+                split=tuple(splits.get(row.id, ())),
             )
             known[row.name] = frozenset(seen.get(row.id, ()))
         return endpoints, known
 
-    def poll_ready(self, name: str) -> bool:
+    def poll_ready(self, name: str, revision: int = 0) -> bool:
         """One endpoint's ready instances, straight from the database: while requests are held
         for a cold start, this sees the instance the moment the worker records it ready, ahead
         of the lifecycle's answer making its way back through Temporal; and a route rule naming
         an instance the cached view does not know yet looks here before answering 1006.
-        Returns whether any."""
+        Returns whether any (of `revision`, when given)."""
         try:
             with self.database.session() as session:
                 rows = session.execute(
-                    select(Instance.id, Instance.address, Instance.ready_at)
+                    select(Instance.id, Instance.address, Instance.ready_at, Instance.revision)
                     .join(Endpoint, Endpoint.id == Instance.endpoint_id)
                     .where(Endpoint.name == name, Instance.status == I_READY, Instance.address != "")
                 ).all()
@@ -229,11 +247,11 @@ class RoutingView:
             log.exception("polling %s for ready instances failed", name)
             return False
         found = False
-        for inst_id, address, ready_at in rows:
+        for inst_id, address, ready_at, inst_revision in rows:
             if inst_id in self._gone:
                 continue
-            self.learn(name, InstanceView(inst_id, address, _epoch(ready_at)))
-            found = True
+            self.learn(name, InstanceView(inst_id, address, _epoch(ready_at), inst_revision or 0))
+            found = found or not revision or inst_revision == revision
         return found
 
     def run_forever(self) -> None:

@@ -47,6 +47,7 @@ class _InstanceFigures:
     in_flight: int = 0
     last_request_at: float = 0.0
     requests: int = 0
+    errors: int = 0
 
 
 @dataclass
@@ -204,6 +205,13 @@ class TrafficTracker:
         self.on_in_flight(endpoint, -1)
         self.on_release(endpoint)
 
+    def error(self, endpoint: str, instance_id: str) -> None:
+        """A request the instance answered with 500 or above, or refused: counted for the
+        lifecycle, which rolls an update back when its new instances err too often."""
+        ep, fig = self._figures(endpoint, instance_id)
+        fig.errors += 1
+        ep.dirty = True
+
     def hold(self, endpoint: str, delta: int) -> None:
         ep = self._endpoints.setdefault(endpoint, _EndpointFigures())
         ep.held = max(0, ep.held + delta)
@@ -232,7 +240,7 @@ class TrafficTracker:
                 seq=self._seq,
                 sent_at=wall,
                 instances=[
-                    InstanceTraffic(inst_id, fig.in_flight, fig.last_request_at, fig.requests)
+                    InstanceTraffic(inst_id, fig.in_flight, fig.last_request_at, fig.requests, fig.errors)
                     for inst_id, fig in ep.instances.items()
                 ],
                 held=ep.held,
@@ -275,8 +283,8 @@ class TrafficTracker:
             if not any(i.in_flight for i in old.instances):
                 continue
             self._seq = max(self._seq + 1, time.time_ns())
-            instances = [InstanceTraffic(i.instance_id, 0, now if i.in_flight else i.last_request_at, i.requests)
-                         for i in old.instances]
+            instances = [InstanceTraffic(i.instance_id, 0, now if i.in_flight else i.last_request_at, i.requests,
+                                         i.errors) for i in old.instances]
             report = TrafficReport(self.reporter, self._seq, now, instances, 0)
             self._send(endpoint, report)
             healed.append((endpoint, report))

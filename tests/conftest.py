@@ -136,6 +136,8 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             # The tests' model code comes from local git repositories (off by default).
             "STANDBY_ALLOW_FILE_GIT": "1",
+            # Updates settle for a second (README.md "Revisions and updates"), not ten.
+            "STANDBY_ROLLOUT_SETTLE_SECONDS": "1",
         })
         self.env.update(extra_env or {})
         self.settings = load_settings(self.env)
@@ -201,11 +203,30 @@ class Stack:
         spec.setdefault("health_interval_seconds", 1)
         spec.setdefault("pools", [self.settings.pool])
         with self.db.session() as s:
-            s.add(Endpoint(name=name, **spec))
+            # As the web app makes it (webapp/views_common.py create_endpoint_row): revision 1 too.
+            from common.revisions import first_revision
+
+            endpoint = Endpoint(name=name, **spec)
+            endpoint.revisions.append(first_revision(endpoint))
+            s.add(endpoint)
         self.runner.run(self.client.start_workflow(
             ENDPOINT_WORKFLOW, EndpointInput(name=name), id=f"endpoint-{name}",
             task_queue=self.settings.task_queue))
         return name
+
+    def new_revision(self, name: str, **changes) -> int:
+        """Change what runs, as the web app does (webapp/revisions.py make_revision): the spec
+        row, then a new revision of it; returns its number (roll it out with the `deploy` update)."""
+        from common.models import Revision
+        from common.revisions import revision_spec
+
+        with self.db.session() as s:
+            e = s.scalar(select(Endpoint).where(Endpoint.name == name))
+            for field, value in changes.items():
+                setattr(e, field, value)
+            number = max((r.number for r in e.revisions), default=0) + 1
+            s.add(Revision(endpoint_id=e.id, number=number, spec=revision_spec(e), reason="changed"))
+        return number
 
     # ---------------------------------------------------------------- observed state
     def endpoint(self, name: str) -> Endpoint:

@@ -125,7 +125,9 @@ def test_a_restart_class_change_while_instances_run_needs_restart(app, client, b
     confirmed = apply(client, changed, "?restart=true")
     assert confirmed.status_code == 200, confirmed.get_json()
     assert confirmed.get_json()["action"] == "updated" and confirmed.get_json()["restarted"] is True
-    assert bridge.calls[-2:] == [("signal", "tts", "spec_changed"), ("signal", "tts", "restart")]
+    # What runs changed: a new revision, rolled out by a (rolling) update instead of a restart.
+    assert bridge.calls[-2:] == [("signal", "tts", "spec_changed"), ("update", "tts", "deploy")]
+    assert confirmed.get_json()["revision"] == 2 and confirmed.get_json()["strategy"] == "rolling"
 
 
 def test_a_dry_run_answers_the_same_and_changes_nothing(app, client, bridge):

@@ -153,13 +153,16 @@ def test_stop_restart_terminate(stack):
     assert requests.get(f"http://{first.address}/hello.txt", timeout=5).text == "hello"
     open(os.path.join(first.workdir, "leftover.txt"), "w").write("from the last run")
 
+    # A restart while an instance runs is a rolling restart (README.md "Revisions and updates"): the
+    # fresh instance is ready before the old one leaves.
     stack.signal("cycle", "restart")
-    wait_until(lambda: any(i.status == "ready" and i.id != first.id for i in stack.instances("cycle")), 40,
-               message="a fresh instance after restart")
-    second = [i for i in stack.instances("cycle") if i.status == "ready"][0]
+    wait_until(lambda: [i.status for i in stack.instances("cycle") if i.id == first.id] == ["stopped"], 40,
+               message="the old instance replaced after restart")
+    [second] = [i for i in stack.instances("cycle") if i.status == "ready"]
+    [first] = [i for i in stack.instances("cycle") if i.id == first.id]
+    assert second.ready_at < first.stopped_at
     assert not os.path.exists(os.path.join(second.workdir, "leftover.txt"))
     assert requests.get(f"http://{second.address}/leftover.txt", timeout=5).status_code == 404
-    assert [i.status for i in stack.instances("cycle") if i.id == first.id] == ["stopped"]
 
     stack.signal("cycle", "stop")
     e = stack.wait_status("cycle", "stopped", 30)

@@ -181,6 +181,18 @@ def test_real_answers_match_the_document(app, doc):
     assert call("POST", apply, 200, query="?dry_run=true", json={**spec, "description": "x"})["action"] == "updated"
     call("POST", apply, 503, json={"name": "fresh", **SERVER})  # saved; Temporal is not here
 
+    # Revisions and updates (README.md "Revisions and updates"); Temporal is not here: 503 once checked.
+    revisions = call("GET", one + "/revisions", 200, name="tts")
+    assert [r["number"] for r in revisions["revisions"]] == [1] and revisions["traffic"] == {"1": 100}
+    assert "sum to 100" in call("PUT", one + "/traffic", 400, name="tts", json={"traffic": {"1": 60}})["error"]
+    call("PUT", one + "/traffic", 503, name="tts", json={"traffic": {"1": 100}})
+    call("POST", one + "/deploy", 400, name="tts", query="?strategy=sideways")
+    call("POST", one + "/deploy", 503, name="tts", query="?revision=1")
+    call("POST", one + "/rollback", 503, name="tts")
+    call("POST", one + "/promote", 503, name="tts")
+    call("POST", one + "/scale", 400, name="tts", json={"instance_count": 5})  # above max_instances
+    call("POST", one + "/scale", 503, name="tts", json={"instance_count": 1})  # saved, the workflow not told
+
     with app.app_context():  # what a worker writes when it joins its pool (workers/host.py)
         db.session.add(Host(name="gpu-1", pool="default", task_queue="standby-host-gpu-1",
                             advertise_address="127.0.0.2", gpus=[{"type": "T4", "index": 0, "memory_mb": None}],

@@ -2,7 +2,9 @@
 
 A change that would break running workflows (non-determinism) fails here. When a change is
 intended, gate it with `workflow.patched()`; re-record only for brand-new behaviour with
-`STANDBY_RECORD_HISTORIES=1 pytest tests/test_replay.py -k record`.
+`STANDBY_RECORD_HISTORIES=1 pytest tests/test_replay.py -k <its recorder>` (test_record_histories:
+endpoint-pools, instance-pools, pool; test_record_revision_histories: endpoint-revisions, rollout-*),
+never the histories of an earlier release.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
 from workflows.pool import PoolWorkflow
+from workflows.rollout import RolloutWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 # Histories recorded by earlier releases stay, each replayed by today's code: endpoint, instance
@@ -29,10 +32,12 @@ HISTORIES = Path(__file__).parent / "histories"
 # pool-quota, a pool holding back a project past its GPU quota (recorded by
 # tests/test_gpu_quota.py with STANDBY_RECORD_HISTORIES=1);
 # endpoint-autoscale: an endpoint scaling on concurrency and CPU (workflows/autoscale.py);
-# endpoint-warm: a warm window opening, then closed by a spec change (workflows/warm_windows.py).
+# endpoint-warm: a warm window opening, then closed by a spec change (workflows/warm_windows.py);
+# endpoint-revisions and rollout-* since revisions (updates through RolloutWorkflow).
 KINDS = ("endpoint", "instance", "gpu_pool", "endpoint-pools", "instance-pools", "pool", "pool-quota",
-         "endpoint-autoscale", "endpoint-warm")
-WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow, PoolWorkflow]
+         "endpoint-autoscale", "endpoint-warm", "endpoint-revisions", "rollout-rolling", "rollout-canary",
+         "rollout-blue-green")
+WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, GpuPoolWorkflow, PoolWorkflow, RolloutWorkflow]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -140,3 +145,64 @@ def test_record_warm_window_history(stack):
     history = stack.runner.run(stack.handle(name).fetch_history())
     (HISTORIES / "endpoint-warm.json").write_text(
         json.dumps({"workflow_id": f"endpoint-{name}", "history": json.loads(history.to_json())}, indent=1))
+
+
+@pytest.mark.skipif(not os.environ.get("STANDBY_RECORD_HISTORIES"), reason="records histories on demand")
+def test_record_revision_histories(stack):
+    """Revisions and updates (README.md "Revisions and updates"): a rolling update, a split by
+    hand and its rollback, a manual canary promoted, a blue-green update rolled back in its window,
+    a rolling restart, a rollback to the revision before, terminate."""
+    from workflows.contracts import (DeployRequest, PromoteRequest, RollbackRequest, TrafficSplitRequest,
+                                     rollout_workflow_id)
+
+    name = "replay-rev"
+    stack.create_endpoint(name, min_instances=1, max_instances=3, idle_retention_seconds=60)
+    stack.wait_status(name, "running", 60)
+
+    def revision_state(number: int) -> str:
+        from common.models import Revision
+
+        with stack.db.session() as s:
+            e = stack.endpoint(name)
+            return s.query(Revision).filter_by(endpoint_id=e.id, number=number).one().state
+
+    def deploy(request: DeployRequest, until: str) -> int:
+        result = stack.update(name, "deploy", request, timeout=60)
+        wait_until(lambda: revision_state(request.revision) == until, 90,
+                   message=f"revision {request.revision} {until}")
+        return result["rollout"]
+
+    rolling = deploy(DeployRequest(stack.new_revision(name, env=[{"key": "V", "value": "2"}])), "serving")
+    stack.update(name, "set_traffic", TrafficSplitRequest({1: 50, 2: 50}), timeout=60)
+    time.sleep(2)
+    stack.update(name, "rollback", RollbackRequest("recording"), timeout=60)
+    number = stack.new_revision(name, env=[{"key": "V", "value": "3"}])
+    result = stack.update(name, "deploy", DeployRequest(number, "canary", steps=[20], manual=True), timeout=60)
+    wait_until(lambda: stack.query(name)["traffic"] == {"2": 80, "3": 20}, 60, message="the canary at 20%")
+    stack.update(name, "promote", PromoteRequest(), timeout=60)
+    wait_until(lambda: revision_state(number) == "serving", 90, message="the canary promoted")
+    canary = result["rollout"]
+    number = stack.new_revision(name, env=[{"key": "V", "value": "4"}])
+    result = stack.update(name, "deploy", DeployRequest(number, "blue-green", window_seconds=60), timeout=60)
+    wait_until(lambda: stack.query(name)["traffic"] == {"4": 100}, 60, message="switched to blue")
+    stack.update(name, "rollback", RollbackRequest("recording"), timeout=60)
+    wait_until(lambda: revision_state(number) == "failed", 60, message="blue-green rolled back")
+    blue_green = result["rollout"]
+    stack.signal(name, "restart")
+    wait_until(lambda: stack.query(name)["rollout"] is None and len([
+        i for i in stack.instances(name) if i.status == "ready" and i.generation > 0]) >= 1, 90,
+               message="the rolling restart")
+    stack.update(name, "rollback", RollbackRequest("recording"), timeout=60)
+    wait_until(lambda: stack.query(name)["traffic"] == {"2": 100} and stack.query(name)["rollout"] is None, 90,
+               message="rolled back to revision 2")
+    stack.signal(name, "terminate")
+    stack.wait_status(name, "terminated", 60)
+    wait_until(lambda: stack.runner.run(stack.handle(name).describe()).status.name == "COMPLETED", 30)
+
+    ids = {"endpoint-revisions": f"endpoint-{name}", "rollout-rolling": rollout_workflow_id(name, rolling),
+           "rollout-canary": rollout_workflow_id(name, canary),
+           "rollout-blue-green": rollout_workflow_id(name, blue_green)}
+    for kind, wid in ids.items():
+        history = stack.runner.run(stack.client.get_workflow_handle(wid).fetch_history())
+        (HISTORIES / f"{kind}.json").write_text(
+            json.dumps({"workflow_id": wid, "history": json.loads(history.to_json())}, indent=1))

@@ -35,7 +35,16 @@ from webapp.views_common import (
     recent_events,
     restart_message,
 )
-from workflows.contracts import ERR_NOT_SERVING, ERR_REPLICA_QUOTA, ERR_START_FAILED
+from webapp import revisions as rev
+from workflows.contracts import (
+    ERR_BAD_SPLIT,
+    ERR_NO_ROLLOUT,
+    ERR_NOT_SERVING,
+    ERR_NOTHING_TO_ROLL_BACK,
+    ERR_REPLICA_QUOTA,
+    ERR_ROLLOUT_ACTIVE,
+    ERR_START_FAILED,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -63,8 +72,10 @@ def workflow_error(exc: Exception, endpoint: Endpoint | None = None):
     assert isinstance(exc, WorkflowActionError)
     if exc.type == ERR_REPLICA_QUOTA:
         return error(409, exc.message, code=1007, msg="deployment replica quota exceeded")
-    if exc.type == ERR_NOT_SERVING:
+    if exc.type in (ERR_NOT_SERVING, ERR_ROLLOUT_ACTIVE, ERR_NO_ROLLOUT, ERR_NOTHING_TO_ROLL_BACK):
         return error(409, exc.message)
+    if exc.type == ERR_BAD_SPLIT:
+        return error(400, exc.message, {"traffic": exc.message})
     if exc.type == ERR_START_FAILED:
         return error(502, f"the instance failed to start: {exc.message}")
     if exc.type == TIMEOUT:
@@ -170,9 +181,15 @@ def update_endpoint(name: str):
     clean, errors = _validated(body, endpoint)
     if errors:
         return _invalid_spec(errors)
-    outcome = apply_update(endpoint, clean, restart=_flag("restart"))
+    try:
+        options = rev.parse_options(request.args)
+    except rev.OptionsError as exc:
+        return error(400, "invalid update options: " + str(exc), exc.errors)
+    outcome = apply_update(endpoint, clean, restart=_flag("restart"), options=options)
     if outcome.needs_restart:
         return _restart_refusal(outcome, **outcome.json())
+    if outcome.blocked:
+        return error(409, outcome.blocked, **outcome.json())
     if outcome.unnotified:  # saved, but the running instances do not know yet: say so
         return error(503, outcome.unnotified, endpoint=endpoint_json(endpoint), **outcome.json())
     return {**endpoint_json(endpoint), **outcome.json()}
@@ -213,13 +230,20 @@ def apply_spec():
         return _applied("refused", dry_run, endpoint, UpdateOutcome(), _invalid_spec(errors))
     # A failed endpoint is never written (it can only be terminated); an equal spec is still unchanged.
     failed = endpoint.status == FAILED
-    outcome = apply_update(endpoint, clean, restart=_flag("restart"), dry_run=dry_run or failed)
+    try:
+        options = rev.parse_options(request.args)
+    except rev.OptionsError as exc:
+        return _applied("refused", dry_run, endpoint, UpdateOutcome(),
+                        error(400, "invalid update options: " + str(exc), exc.errors))
+    outcome = apply_update(endpoint, clean, restart=_flag("restart"), dry_run=dry_run or failed, options=options)
     if not outcome.changes:
         return _applied("unchanged", dry_run, endpoint, outcome)
     if failed:
         return _applied("refused", dry_run, endpoint, outcome, error(409, action_refusal(endpoint, "edit")))
     if outcome.needs_restart:
         return _applied("refused", dry_run, endpoint, outcome, _restart_refusal(outcome))
+    if outcome.blocked:
+        return _applied("refused", dry_run, endpoint, outcome, error(409, outcome.blocked))
     if outcome.unnotified:
         return _applied("updated", dry_run, endpoint, outcome, error(503, outcome.unnotified))
     return _applied("updated", dry_run, endpoint, outcome)
@@ -270,6 +294,150 @@ def endpoint_action(name: str, action: str):
     if action == "scale-out" or (action == "wake" and wait):
         return result, 200
     return {"action": action, **result}, 202
+
+
+# ---- revisions and updates (README.md "Revisions and updates") ----
+
+
+@bp.get("/endpoints/<name>/revisions")
+@access(VIEWER)
+def list_revisions(name: str):
+    """Revisions, newest first: each with its state, traffic share, pinned source, spec (secret
+    values masked) and changes from the one before; and the traffic split."""
+    endpoint = get_endpoint(name)
+    return {"revisions": rev.revisions_json(endpoint), "traffic": rev.traffic_of(endpoint)}
+
+
+def _updatable(endpoint: Endpoint):
+    if endpoint.status in (TERMINATED, FAILED):
+        return error(409, action_refusal(endpoint, "edit") or f"endpoint {endpoint.name!r} is {endpoint.status}")
+    return None
+
+
+@bp.post("/endpoints/<name>/deploy")
+@access(DEVELOPER)
+def deploy_revision(name: str):
+    """Roll a revision out: ?revision=N deploys an existing one (one not rolled out, or an older
+    one), else a new revision is made from the current spec (its git ref resolved and source
+    directory copied afresh). ?strategy, ?steps, ?pause, ?settle, ?window, ?error_rate as for
+    PATCH."""
+    endpoint = get_endpoint(name)
+    refusal = _updatable(endpoint)
+    if refusal:
+        return refusal
+    try:
+        options = rev.parse_options(request.args)
+    except rev.OptionsError as exc:
+        return error(400, "invalid update options: " + str(exc), exc.errors)
+    raw = (request.args.get("revision") or "").strip()
+    known = {r.number for r in endpoint.revisions}
+    number = None
+    if raw:
+        number = int(raw) if raw.isdigit() and len(raw) < 10 else None
+        if number not in known:
+            have = ", ".join(str(n) for n in sorted(known)) or "none"
+            return error(400, f"revision must name one of this endpoint's revisions ({have}), got {raw!r}",
+                         {"revision": f"no revision {raw!r}"})
+    blocker = rev.rollout_in_progress(endpoint)
+    if blocker:
+        return error(409, blocker)
+    if number is None:
+        number = rev.make_revision(endpoint, "redeployed: source pinned afresh").number
+    try:
+        accepted = rev.deploy(endpoint, number, options)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc, endpoint)
+    return {"revision": number, "rollout": rev.field_of(accepted, "rollout"), "strategy": options.strategy}, 202
+
+
+@bp.put("/endpoints/<name>/traffic")
+@access(DEVELOPER)
+def put_traffic(name: str):
+    """Split traffic between revisions: {"traffic": {"1": 90, "2": 10}}, whole percentages that sum
+    to 100. A revision given a share and no instance wakes on its first request."""
+    endpoint = get_endpoint(name)
+    refusal = _updatable(endpoint)
+    if refusal:
+        return refusal
+    body = _json_body()
+    if body is None or set(body) != {"traffic"}:
+        message = 'the body must be {"traffic": {"<revision>": <percent>, ...}}, e.g. {"traffic": {"1": 90, "2": 10}}'
+        return error(400, message, {"traffic": message})
+    try:
+        split = rev.checked_split(endpoint, body["traffic"])
+    except rev.SplitError as exc:
+        return error(400, str(exc), {"traffic": str(exc)})
+    blocker = rev.rollout_in_progress(endpoint)
+    if blocker:
+        return error(409, blocker)
+    try:
+        result = rev.set_traffic(endpoint, split)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc, endpoint)
+    answered = rev.field_of(result, "traffic") or split
+    return {"traffic": {str(k): v for k, v in sorted(answered.items(), key=lambda kv: int(kv[0]))}}
+
+
+@bp.post("/endpoints/<name>/rollback")
+@access(DEVELOPER)
+def rollback_endpoint(name: str):
+    """All traffic back to the last good revision: an update in progress rolls back at once; a
+    split made by hand returns to it; after an update finished, the revision before it comes back
+    (a rolling update)."""
+    endpoint = get_endpoint(name)
+    refusal = _updatable(endpoint)
+    if refusal:
+        return refusal
+    body = _json_body() or {}
+    reason = body.get("reason") if isinstance(body.get("reason"), str) else ""
+    try:
+        result = rev.rollback(endpoint, reason[:500])
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc, endpoint)
+    return {"revision": rev.field_of(result, "revision"), "rollout": rev.field_of(result, "rollout") or None,
+            "message": rev.field_of(result, "message") or ""}, 202
+
+
+@bp.post("/endpoints/<name>/promote")
+@access(DEVELOPER)
+def promote_endpoint(name: str):
+    """A canary's next step now (a manual pause, or its pause cut short), or the end of a
+    blue-green rollback window."""
+    endpoint = get_endpoint(name)
+    refusal = _updatable(endpoint)
+    if refusal:
+        return refusal
+    try:
+        result = rev.promote(endpoint)
+    except (TemporalUnavailable, WorkflowActionError) as exc:
+        return workflow_error(exc, endpoint)
+    return {"rollout": rev.field_of(result, "rollout"), "message": rev.field_of(result, "message") or ""}, 202
+
+
+@bp.post("/endpoints/<name>/scale")
+@access(DEVELOPER)
+def scale_endpoint(name: str):
+    """Set the number of instances (manual scale, saved in the spec as `instance_count`):
+    {"instance_count": N} from min to max instances, fewer stopping the extra ones at once; 0 goes
+    back to automatic scaling."""
+    endpoint = get_endpoint(name)
+    refusal = _updatable(endpoint)
+    if refusal:
+        return refusal
+    body = _json_body()
+    count = body.get("instance_count") if body is not None and set(body) == {"instance_count"} else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        message = 'the body must be {"instance_count": N}, a whole number (0 for automatic scaling)'
+        return error(400, message, {"instance_count": message})
+    low, high = endpoint.min_instances, endpoint.max_instances
+    if count and not low <= count <= high:
+        message = (f"instance_count must be between min_instances ({low}) and max_instances ({high}), or 0 for "
+                   f"automatic scaling; got {count}")
+        return error(400, message, {"instance_count": message})
+    outcome = apply_update(endpoint, {"instance_count": count})
+    if outcome.unnotified:
+        return error(503, outcome.unnotified, endpoint=endpoint_json(endpoint), **outcome.json())
+    return {**endpoint_json(endpoint), **outcome.json()}
 
 
 @bp.get("/endpoints/<name>/workflow")

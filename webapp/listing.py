@@ -5,7 +5,7 @@ first `limit` endpoints, in name order, whose name comes after the cursor's, so 
 same wherever it is in the list and an endpoint created meanwhile never shifts the next one.
 The cursor is opaque to clients (base64 of a small JSON object), so the order can grow another
 key without breaking them. Filters narrow the rows before the page is cut, and every page is a
-constant three queries: the endpoints, then their instances and their keys (`selectinload`),
+constant four queries: the endpoints, then their instances, keys and revisions (`selectinload`),
 never one query per endpoint.
 """
 from __future__ import annotations
@@ -137,7 +137,8 @@ def endpoint_page(query: ListQuery, project_ids: set[int] | None) -> Page:
     """One page of endpoints in name order, with their instances and keys loaded, of the
     projects `project_ids` (None: all; webapp/auth.py `visible_project_ids`)."""
     statement = (select(Endpoint).order_by(Endpoint.name).limit(query.limit + 1)
-                 .options(selectinload(Endpoint.instances), selectinload(Endpoint.api_keys)))
+                 .options(selectinload(Endpoint.instances), selectinload(Endpoint.api_keys),
+                          selectinload(Endpoint.revisions)))
     if project_ids is not None:
         statement = statement.where(Endpoint.project_id.in_(project_ids))
     if query.project:

@@ -32,6 +32,8 @@ JSON = "application/json"
 TAGS = (
     ("endpoints", "Endpoints: create, read, change, act on them."),
     ("keys", "API keys of an endpoint (README.md \"Calling an endpoint\")."),
+    ("revisions", "Revisions, the traffic split and updates: rolling, blue-green, canary, rollback, scale "
+                  "(README.md \"Revisions and updates\")."),
     ("models", "The model registry: models and their immutable versions."),
     ("hosts", "GPU hosts and their pools (README.md \"Many GPU hosts\")."),
     ("accounts", "You, your personal tokens, projects with their members and quotas, users, the audit log "
@@ -82,6 +84,21 @@ def _flag(name: str, description: str) -> dict:
     return _query(name, {"type": "boolean", "default": False}, description + " (true, 1 or yes)")
 
 
+UPDATE_QUERY = (
+    _query("strategy", {"type": "string", "enum": ["rolling", "blue-green", "canary"], "default": "rolling"},
+           "How the new revision rolls out; naming one also confirms a change to what runs while instances run."),
+    _query("steps", {"type": "string", "pattern": "^[0-9]{1,3}(,[0-9]{1,3})*$"},
+           "canary: increasing percentages, e.g. 10,50 (100 follows)."),
+    _query("pause", {"type": "string"}, "canary: seconds each step is watched before the next, or `manual` "
+                                        "(wait for promote)."),
+    _query("settle", {"type": "number", "minimum": 0}, "Seconds each new instance serves before the next step."),
+    _query("window", {"type": "number", "minimum": 0}, "blue-green: seconds the old set is kept after the switch."),
+    _query("error_rate", {"type": "number", "minimum": 0, "maximum": 1},
+           "The new instances' error rate above which the update rolls back."),
+)
+UPDATE_ERRORS = {409: "The endpoint is terminated or failed, or another update is in progress.",
+                 **TEMPORAL_ERRORS}
+
 LIST_QUERY = (
     _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
            "Endpoints a page holds, in name order."),
@@ -113,11 +130,13 @@ OPERATIONS: dict[str, Operation] = {
     "api.show_endpoint": Operation("Get an endpoint", "endpoints", {200: ("The endpoint.", ref("Endpoint"))}),
     "api.update_endpoint": Operation(
         "Change an endpoint's spec", "endpoints", {200: ("Saved (or nothing changed).", ref("EndpointUpdated"))},
-        {409: "The endpoint is terminated or failed; or restart-class fields changed while instances run: "
-              "`restart_required` names them, send again with ?restart=true.",
+        {409: "The endpoint is terminated or failed; restart-class fields changed while instances run "
+              "(`restart_required` names them: send again with ?restart=true or a ?strategy); or another update "
+              "is in progress.",
          503: "Saved, but the endpoint's workflow could not be told (`warning` says why); any later action "
               "tells it."},
-        query=(_flag("restart", "Save restart-class changes and restart the running instances"),),
+        query=(_flag("restart", "Save restart-class changes and roll the new revision out (rolling)"),
+               *UPDATE_QUERY),
         body={JSON: ref("EndpointSpecChange")}),
     "api.endpoint_action": Operation(
         "Act on an endpoint: stop, restart, terminate, wake, scale-out", "endpoints",
@@ -186,7 +205,8 @@ OPERATIONS: dict[str, Operation] = {
          **TEMPORAL_ERRORS,
          503: "Saved, but Temporal is not reachable or the workflow was not told (`warning`, `error` say which)."},
         query=(_flag("dry_run", "Answer what would be done and change nothing"),
-               _flag("restart", "Allow restart-class changes while instances run, restarting them"), CREATE_IN),
+               _flag("restart", "Allow restart-class changes while instances run, rolling the new revision out"),
+               CREATE_IN, *UPDATE_QUERY),
         body={JSON: ref("EndpointSpec")},
         # Its own refusals say what it did (`action` refused) beside the error; the request
         # checks in front of every view (403, 413, 415, bad JSON) answer a plain Error.
@@ -196,6 +216,34 @@ OPERATIONS: dict[str, Operation] = {
         "Drain or undrain a host", "hosts", {202: ("Sent to the host's pool.", ref("HostOperation"))},
         {404: "No such host, or no such operation (drain, undrain).",
          503: "Temporal is not reachable (or refused): nothing was done."}),
+    "api.list_revisions": Operation(
+        "List an endpoint's revisions", "revisions",
+        {200: ("Newest first, with the traffic split.", ref("RevisionList"))}),
+    "api.deploy_revision": Operation(
+        "Roll a revision out", "revisions", {202: ("Accepted: the update runs on.", ref("Deployed"))},
+        UPDATE_ERRORS,
+        query=(_query("revision", {"type": "integer", "minimum": 1},
+                      "An existing revision; left out: a new one from the current spec, its source pinned afresh."),
+               *UPDATE_QUERY)),
+    "api.put_traffic": Operation(
+        "Split traffic between revisions", "revisions", {200: ("The split now in place.", ref("TrafficSplit"))},
+        {400: "A share that is not a whole percentage, a revision that does not exist, or shares that do not sum "
+              "to 100: `errors.traffic` says which.", **UPDATE_ERRORS},
+        body={JSON: ref("TrafficSplit")}),
+    "api.rollback_endpoint": Operation(
+        "Roll back to the last good revision", "revisions", {202: ("Accepted.", ref("RolledBack"))},
+        {409: "The endpoint is terminated or failed, or there is no earlier good revision.", **TEMPORAL_ERRORS},
+        body={JSON: ref("RollbackRequest")}, body_required=False),
+    "api.promote_endpoint": Operation(
+        "Promote a canary or end a blue-green window", "revisions", {202: ("Accepted.", ref("Promoted"))},
+        {409: "The endpoint is terminated or failed, or no canary or blue-green update is in progress.",
+         **TEMPORAL_ERRORS}),
+    "api.scale_endpoint": Operation(
+        "Set the number of instances", "revisions",
+        {200: ("Saved in the spec as instance_count; the workflow follows.", ref("EndpointUpdated"))},
+        {409: "The endpoint is terminated or failed.",
+         503: "Saved, but the endpoint's workflow could not be told (`warning` says why)."},
+        body={JSON: ref("ScaleRequest")}),
     "api.openapi_document": Operation("This document", "meta", {200: ("OpenAPI 3.1.", {"type": "object"})}),
     **openapi_accounts.operations(Operation, _query, _flag),
 }

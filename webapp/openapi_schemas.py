@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.models import ENDPOINT_STATES, HOST_DOWN, HOST_DRAINING, HOST_UP, INSTANCE_STATES
+from common.revisions import REVISION_FIELDS, REVISION_STATES, STRATEGIES
 from common.route_values import PARAM_TYPES
 from common.routes import CALL_STYLES, METHODS
 from common.spec_fields import BOOL, CHOICE, EDIT_CLASSES, ENV, FLOAT, INT, NAMES, REF, ROUTES, SPEC, TEXT, SpecField
@@ -26,6 +27,13 @@ TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
 
 def ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+# A traffic split: revision number (as a string key) -> whole percent; the shares sum to 100.
+TRAFFIC = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+           "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
+           "description": "Revision number -> percent of requests; the shares sum to 100 (README.md "
+                          "\"Revisions and updates\")."}
 
 
 def obj(properties: dict[str, Any], *, required: tuple[str, ...] | str = "all", description: str = "",
@@ -96,6 +104,7 @@ def _instance() -> dict:
     return obj({
         "id": {"type": "string", "description": "Short id, e.g. xykemlvy."},
         "status": {"type": "string", "enum": list(INSTANCE_STATES)},
+        "revision": {"type": "integer", "minimum": 0, "description": "The revision it runs (0: none)."},
         "host": {"type": "string"}, "address": {"type": "string", "description": "host:port it is reached at."},
         "gpus": array({"type": "integer"}), "gpu_type": {"type": "string"},
         "created_at": TIMESTAMP, "started_at": TIMESTAMP, "ready_at": TIMESTAMP, "stopped_at": TIMESTAMP,
@@ -130,6 +139,8 @@ def _endpoint_state() -> dict[str, dict]:
             "currency": {"type": "string"},
             "running": {"type": "boolean", "description": "An instance is billed now: the cost grows."},
         }, description="What it cost (README.md \"Cost\"): billed from ready to stopped, never queued or starting."),
+        "revision": {"type": "integer", "minimum": 0, "description": "Its newest revision."},
+        "traffic": TRAFFIC,
         "instances": array(ref("Instance")),
     }
 
@@ -142,6 +153,9 @@ def _update_outcome() -> dict[str, dict]:
         "restart_required": {**array({"type": "string"}),
                              "description": "Restart-class fields not saved: send again with ?restart=true."},
         "saved": {"type": "boolean"}, "restarted": {"type": "boolean"},
+        "revision": {"type": ["integer", "null"], "description": "The revision a change to what runs made."},
+        "rollout": {"type": ["integer", "null"], "description": "The update rolling that revision out."},
+        "strategy": {"anyOf": [{"type": "string", "enum": list(STRATEGIES)}, {"type": "null"}]},
         "warning": {"type": "string", "description": "Saved, but the endpoint's workflow was not told."},
     }
 
@@ -204,6 +218,38 @@ def _hosts() -> dict[str, dict]:
         "Host": host, "HostList": obj({"hosts": array(ref("Host"))}),
         "HostOperation": obj({"host": {"type": "string"}, "operation": {"type": "string", "enum": ["drain", "undrain"]},
                               "message": {"type": "string"}}),
+    }
+
+
+def _revisions() -> dict[str, dict]:
+    change = obj({"field": {"type": "string", "enum": list(REVISION_FIELDS)}, "from": {}, "to": {}})
+    revision = obj({
+        "number": {"type": "integer", "minimum": 1},
+        "state": {"type": "string", "enum": list(REVISION_STATES)},
+        "state_reason": {"type": "string", "description": "Why it failed or was retired."},
+        "traffic": {"type": "integer", "minimum": 0, "maximum": 100, "description": "Its share, in percent."},
+        "strategy": {"type": "string", "description": "How it was rolled out (empty: not yet)."},
+        "reason": {"type": "string", "description": "Why it was made."},
+        "created_at": TIMESTAMP,
+        "source": obj({"commit": {"type": "string", "description": "The git commit its ref was resolved to."},
+                       "snapshot": {"type": "boolean", "description": "Its source directory was copied."},
+                       "pinned_at": TIMESTAMP}),
+        "live_instances": {"type": "integer", "minimum": 0},
+        "spec": {"type": "object", "description": "What runs: the restart-class fields (secret values null)."},
+        "changes": {**array(change), "description": "What differs from the revision before."},
+    }, description="An immutable snapshot of what runs (README.md \"Revisions and updates\").")
+    return {
+        "Revision": revision,
+        "RevisionList": obj({"revisions": array(ref("Revision")), "traffic": TRAFFIC}),
+        "TrafficSplit": obj({"traffic": TRAFFIC}, example={"traffic": {"1": 90, "2": 10}}),
+        "Deployed": obj({"revision": {"type": "integer", "minimum": 1}, "rollout": {"type": ["integer", "null"]},
+                         "strategy": {"type": "string", "enum": list(STRATEGIES)}}),
+        "RolledBack": obj({"revision": {"type": ["integer", "null"]}, "rollout": {"type": ["integer", "null"]},
+                           "message": {"type": "string"}}),
+        "Promoted": obj({"rollout": {"type": ["integer", "null"]}, "message": {"type": "string"}}),
+        "RollbackRequest": obj({"reason": {"type": "string", "maxLength": 500}}, required=(), additional=True),
+        "ScaleRequest": obj({"instance_count": {"type": "integer", "minimum": 0, "maximum": 100}},
+                            example={"instance_count": 2}),
     }
 
 
@@ -316,4 +362,5 @@ def schemas(request_bounds: dict[str, tuple[float, float]]) -> dict[str, dict]:
         "Applied": _applied(),
         **_hosts(),
         **_registry(),
+        **_revisions(),
     }

@@ -480,6 +480,11 @@ def _cross_checks(clean: dict, errors: dict, settings: Settings, inventory: Any,
     low_n, high_n = clean.get("min_instances"), clean.get("max_instances")
     if low_n is not None and high_n is not None and high_n < low_n:
         errors["max_instances"] = f"max_instances ({high_n}) must be at least min_instances ({low_n})"
+    wanted = clean.get("instance_count")
+    if wanted and low_n is not None and high_n is not None and "max_instances" not in errors \
+            and not low_n <= wanted <= high_n:
+        errors["instance_count"] = (f"instance_count ({wanted}) must be between min_instances ({low_n}) and max_instances "
+                               f"({high_n}), or 0 for automatic scaling")
 
     _check_autoscaling(clean, errors)
 

@@ -18,6 +18,7 @@ from webapp.auth import DEVELOPER, SIGNED_IN, VIEWER, access, role_in, visible_p
 from webapp.extensions import bridge, db, gpu_inventory, settings
 from webapp.forms import ActionForm, ApiKeyForm, ConfirmForm, EndpointForm, TerminateForm
 from webapp.listing import UI_DEFAULT_LIMIT, InvalidListQuery, ListQuery, Page, endpoint_page, parse_list_query
+from webapp import revisions as rev
 from webapp.openapi import document
 from webapp.projects import QuotaExceeded, creation_project, endpoint_usage, foreign_version_error, my_projects, quota_json
 from webapp.routes_view import model_version_label, param_summary, route_examples
@@ -282,7 +283,10 @@ def _detail_context(endpoint: Endpoint) -> dict:
     keys = api_keys.active_keys(db.session, endpoint)
     url = endpoint_url(endpoint)
     role = role_in(endpoint.project_id)
+    revisions = rev.revisions_json(endpoint)
     return {
+        "revisions": revisions,
+        "rollout": next((r for r in revisions if r["state"] == "deploying"), None),
         "endpoint": endpoint,
         "project": project_name(endpoint.project_id),
         "role": role,
@@ -367,18 +371,30 @@ def confirm_edit(name: str):
     if draft is None:
         flash("That edit has expired; please make it again.", "error")
         return redirect(url_for("ui.edit_endpoint", name=name))
+    try:
+        options = rev.parse_options(request.form)
+    except rev.OptionsError as exc:
+        flash(f"Update options: {exc}", "error")
+        return render_template("edit_confirm.html", endpoint=endpoint, outcome=apply_update(
+            endpoint, draft, dry_run=True), draft=confirm.draft.data, confirm=ConfirmForm(formdata=None,
+                                                                                          draft=confirm.draft.data)), 400
     drop_draft(settings().data_dir, confirm.draft.data)
     clean, errors = validate_spec(draft, existing=endpoint, inventory=gpu_inventory(), settings=settings(),
                                   session=db.session)
     if errors:
         flash("The endpoint changed meanwhile: " + "; ".join(errors.values()), "error")
         return redirect(url_for("ui.edit_endpoint", name=name))
-    return _after_update(endpoint, apply_update(endpoint, clean, restart=True))
+    return _after_update(endpoint, apply_update(endpoint, clean, restart=True, options=options))
 
 
 def _after_update(endpoint: Endpoint, outcome):
     if not outcome.changes:
         flash("Nothing changed.", "ok")
+    elif outcome.blocked:
+        flash(f"Not saved: {outcome.blocked}.", "error")
+    elif outcome.revision is not None and not outcome.unnotified:
+        flash(f"Saved: {', '.join(c['field'] for c in outcome.changes)}; revision {outcome.revision} is rolling out "
+              f"({outcome.strategy}).", "ok")
     elif outcome.unnotified:
         flash(f"Saved ({', '.join(c['field'] for c in outcome.changes)}), {outcome.unnotified}.", "error")
     else:
@@ -410,6 +426,48 @@ def endpoint_action(name: str, action: str):
             flash("Scale-out accepted; the new instance is still starting.", "ok")
         else:
             flash(_temporal_message(exc), "error")
+    except TemporalUnavailable as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("ui.show_endpoint", name=name))
+
+
+REVISION_ACTIONS = ("rollback", "promote", "deploy", "scale")
+
+
+@bp.post("/endpoints/<name>/revisions/<action>")
+@access(DEVELOPER)
+def revision_action(name: str, action: str):
+    """Rollback, Promote, Redeploy and Scale buttons of the revisions card."""
+    endpoint = get_endpoint(name)
+    if action not in REVISION_ACTIONS or endpoint.status in (TERMINATED, FAILED):
+        flash(f"{action.capitalize()} is not possible here.", "error")
+        return redirect(url_for("ui.show_endpoint", name=name))
+    try:
+        if action == "rollback":
+            result = rev.rollback(endpoint, "requested from the web app")
+            flash(rev.field_of(result, "message") or "Rolling back.", "ok")
+        elif action == "promote":
+            flash(rev.field_of(rev.promote(endpoint), "message") or "Promoted.", "ok")
+        elif action == "deploy":
+            blocker = rev.rollout_in_progress(endpoint)
+            if blocker:
+                flash(blocker[0].upper() + blocker[1:] + ".", "error")
+            else:
+                number = rev.make_revision(endpoint, "redeployed: source pinned afresh").number
+                rev.deploy(endpoint, number, rev.UpdateOptions())
+                flash(f"Revision {number} is rolling out.", "ok")
+        else:
+            raw = (request.form.get("instance_count") or "").strip()
+            count = int(raw) if raw.isdigit() and len(raw) < 4 else -1
+            low, high = endpoint.min_instances, endpoint.max_instances
+            if count < 0 or (count and not low <= count <= high):
+                flash(f"Instances must be from {low} to {high} (0 = automatic), got {raw or 'nothing'}.", "error")
+            else:
+                outcome = apply_update(endpoint, {"instance_count": count})
+                flash(outcome.unnotified or f"Scaled to {count or 'automatic'} instance(s).",
+                      "error" if outcome.unnotified else "ok")
+    except WorkflowActionError as exc:
+        flash(f"The endpoint's workflow refused: {exc.message}", "error")
     except TemporalUnavailable as exc:
         flash(str(exc), "error")
     return redirect(url_for("ui.show_endpoint", name=name))

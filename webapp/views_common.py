@@ -92,6 +92,7 @@ def instance_json(instance: Instance, now: datetime | None = None) -> dict:
     return {
         "id": instance.id,
         "status": instance.status,
+        "revision": instance.revision,
         "host": instance.host,
         "address": instance.address,
         "gpus": list(instance.gpus or []),
@@ -136,6 +137,10 @@ def endpoint_json(endpoint: Endpoint, with_instances: bool = True) -> dict:
         workflow_id=endpoint.workflow_id,
         has_api_keys=any(key.revoked_at is None for key in endpoint.api_keys),
         usage=usage_json(endpoint, now),
+        # README.md "Revisions and updates": the newest revision, and the traffic split.
+        revision=max((r.number for r in endpoint.revisions), default=0),
+        traffic={str(r.number): r.traffic for r in sorted(endpoint.revisions, key=lambda r: r.number)
+                 if r.traffic > 0},
     )
     if with_instances:
         body["instances"] = [instance_json(i, now) for i in endpoint.instances]
@@ -290,7 +295,10 @@ def create_endpoint_row(clean: dict, project: Project) -> Endpoint:
     if tombstone is not None:
         db.session.delete(tombstone)
         db.session.flush()
+    from common.revisions import first_revision
+
     endpoint = Endpoint(**clean, project_id=project.id)
+    endpoint.revisions.append(first_revision(endpoint))
     db.session.add(endpoint)
     db.session.commit()
     refusal = over_quota_after_insert(endpoint)
@@ -323,7 +331,7 @@ def update_endpoint_row(endpoint: Endpoint, clean: dict) -> list[str]:
 
 @dataclass
 class UpdateOutcome:
-    """What an update of a spec did (README "Changing an endpoint")."""
+    """What an update of a spec did (README "Changing an endpoint", "Revisions and updates")."""
 
     changes: list[dict] = field(default_factory=list)  # {"field", "edit", "from", "to"}
     # Fields whose change needs a restart, while instances run: not saved unless restart=True.
@@ -332,10 +340,17 @@ class UpdateOutcome:
     restarted: bool = False
     # Saved, but Temporal could not be told (the next action tells it): the reason.
     unnotified: str = ""
+    # A change to what runs makes a revision, rolled out by an update (its number and strategy).
+    revision: int | None = None
+    rollout: int | None = None
+    strategy: str | None = None
+    # Not saved: another update is in progress (the message says what to do).
+    blocked: str = ""
 
     def json(self) -> dict:
         return {"changes": self.changes, "restart_required": self.needs_restart, "saved": self.saved,
-                "restarted": self.restarted, **({"warning": self.unnotified} if self.unnotified else {})}
+                "restarted": self.restarted, "revision": self.revision, "rollout": self.rollout,
+                "strategy": self.strategy, **({"warning": self.unnotified} if self.unnotified else {})}
 
 
 def has_live_instances(endpoint: Endpoint) -> bool:
@@ -344,35 +359,47 @@ def has_live_instances(endpoint: Endpoint) -> bool:
     return any(i.status in INSTANCE_LIVE_STATES for i in endpoint.instances)
 
 
-def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False, dry_run: bool = False) -> UpdateOutcome:
+def apply_update(endpoint: Endpoint, clean: dict, restart: bool = False, dry_run: bool = False,
+                 options=None) -> UpdateOutcome:
     """Save a validated spec over `endpoint`, by edit class: live changes are saved and reach the
-    running instances through the workflow (spec_changed); restart-class changes, while
-    instances run, are saved only with `restart`, which then restarts them; with nothing running
-    every change is simply saved (the next instance starts from it). `dry_run` says what would
-    happen and does nothing."""
+    running instances through the workflow (spec_changed); restart-class changes (what runs)
+    make a new revision, rolled out by an update (`options`: its strategy, rolling by default),
+    which while instances run needs `restart` or a strategy named in `options`; with nothing
+    running the new revision takes over at once. `dry_run` says what would happen and does nothing."""
     from common.spec_fields import RESTART
+    from webapp.revisions import UpdateOptions, deploy, field_of, make_revision, rollout_in_progress
     from webapp.spec import changes
 
     outcome = UpdateOutcome(changes=changes(endpoint, clean))
     if not outcome.changes:
         return outcome
+    options = options or UpdateOptions()
     running = has_live_instances(endpoint)
     restart_fields = [c["field"] for c in outcome.changes if c["edit"] == RESTART]
-    if restart_fields and running and not restart:
+    if restart_fields and running and not (restart or options.given):
         outcome.needs_restart = restart_fields
+        return outcome
+    if restart_fields and (blocker := rollout_in_progress(endpoint)):
+        outcome.blocked = blocker
         return outcome
     if dry_run:
         return outcome
     changed = update_endpoint_row(endpoint, clean)
     outcome.saved = True
     audit.record("endpoint.update", endpoint=endpoint, detail={"changes": outcome.changes})
+    revision = make_revision(endpoint, "changed: " + ", ".join(restart_fields)) if restart_fields else None
     try:
         notify_spec_changed(endpoint, changed)
-        if restart_fields and running:
-            perform_action(endpoint, "restart")
-            outcome.restarted = True
+        if revision is not None:
+            outcome.revision = revision.number
+            accepted = deploy(endpoint, revision.number, options)
+            outcome.rollout, outcome.strategy = field_of(accepted, "rollout"), options.strategy
+            outcome.restarted = running
     except (TemporalUnavailable, WorkflowActionError) as exc:
         outcome.unnotified = f"saved, but the endpoint's workflow was not told ({exc}); any later action tells it"
+        if revision is not None:
+            outcome.unnotified = (f"saved as revision {revision.number}, but it was not rolled out ({exc}); roll it "
+                                  f"out with POST /api/v1/endpoints/{endpoint.name}/deploy?revision={revision.number}")
     return outcome
 
 

@@ -55,8 +55,12 @@ from workflows.activity_types import (
     LivenessResult,
     LoadSpecInput,
     ProjectGpuQuotasInput,
+    PrepareRevisionInput,
+    PrepareRevisionResult,
     PurgeInput,
     QueuePositionsInput,
+    RevisionInfo,
+    RevisionsRecord,
     StartInstanceInput,
     StartInstanceResult,
     StopInstanceInput,
@@ -77,6 +81,7 @@ class ProvisionInput:
     instance_id: str
     generation: int
     gpus: list[int] = field(default_factory=list)
+    revision: int = 0
 
 
 @dataclass
@@ -88,6 +93,7 @@ class ProvisionResult:
     container_id: str
     workdir: str
     log_path: str
+    revision: int = 0
 
 
 def _ts(seconds: float | None) -> datetime | None:
@@ -123,7 +129,7 @@ class StandbyActivities:
             self.load_lifecycle_spec, self.record_endpoint_status, self.record_event, self.record_instance,
             self.record_queue_positions, self.gpu_inventory, self.request_gpus, self.release_gpus,
             self.purge_endpoint, self.hosts_last_seen, self.record_host_state, self.project_gpu_quotas,
-            self.warm_windows_now,
+            self.warm_windows_now, self.prepare_revision, self.record_revisions,
         ]
 
     def host_bound(self) -> list:
@@ -148,11 +154,9 @@ class StandbyActivities:
             # Routes endpoints are served by the built-in runtime, which answers /ping once loaded.
             if e.source_kind == "routes":
                 spec["health_path"] = RUNTIME_HEALTH_PATH
-            from workers.ports import uses_port_placeholder
-
             return LifecycleSpec(
                 **spec,
-                needs_netns=e.source_kind == "server" and not e.image and not uses_port_placeholder(e.start_command),
+                needs_netns=_needs_netns(e.source_kind, e.image, e.start_command),
                 # Instances started before pools used the per-host GPU queue of the worker that
                 # loaded the spec (workflows/gpu_pool.py); new ones are placed in spec["pools"].
                 pool=s.host, host_task_queue=s.host_task_queue,
@@ -160,6 +164,10 @@ class StandbyActivities:
                 drain_grace_seconds=s.proxy_refresh_seconds + URGENT_REPORT_ALLOWANCE_SECONDS,
                 continue_as_new_events=s.continue_as_new_events,
                 project=session.get(Project, e.project_id).name,
+                revisions=[_revision_info(e.source_kind, r) for r in e.revisions],
+                rollout_settle_seconds=s.rollout_settle_seconds, rollout_error_rate=s.rollout_error_rate,
+                blue_green_window_seconds=s.blue_green_window_seconds,
+                canary_pause_seconds=s.canary_pause_seconds,
             )
 
     @activity.defn
@@ -177,6 +185,46 @@ class StandbyActivities:
                 session.add(Event(endpoint_id=e.id, kind=upd.event_kind, message=upd.event_message))
 
     @activity.defn
+    def record_revisions(self, rec: RevisionsRecord) -> None:
+        """The traffic split (every revision it does not name has no share) and revision states,
+        written in one transaction: the proxy routes by the split from its next refresh."""
+        from common.models import Revision
+
+        with self.db.session() as session:
+            e = self._endpoint(session, rec.endpoint)
+            by_number = {r.number: r for r in session.scalars(select(Revision).where(Revision.endpoint_id == e.id))}
+            if rec.traffic is not None:
+                for number, revision in by_number.items():
+                    revision.traffic = int(rec.traffic.get(number, 0))
+            for change in rec.states:
+                revision = by_number.get(change.number)
+                if revision is not None:
+                    revision.state, revision.state_reason = change.state, change.reason
+                    if change.strategy is not None:
+                        revision.strategy = change.strategy
+            if rec.event_kind:
+                session.add(Event(endpoint_id=e.id, kind=rec.event_kind, message=rec.event_message))
+
+    @activity.defn
+    def prepare_revision(self, inp: PrepareRevisionInput) -> PrepareRevisionResult:
+        """Pin a revision's source once: its git ref resolved to a commit, its source directory
+        copied (workers/revision_source.py). A source that cannot be pinned is an answer, not a
+        retry: the update rolls back (or the new endpoint fails) saying why."""
+        from workers.revision_source import pin_revision
+        from workers.sources import SourceError
+
+        try:
+            with heartbeating():
+                pin = pin_revision(self.settings, self.db, inp.endpoint, inp.revision,
+                                   heartbeat=lambda detail: activity.heartbeat(detail))
+        except SourceError as err:
+            return PrepareRevisionResult(ok=False, reason=str(err))
+        if pin.commit or pin.snapshot:
+            what = f"commit {pin.commit}" if pin.commit else f"a copy of its source directory ({pin.snapshot})"
+            self.record_event(EventRecord(inp.endpoint, "revision_pinned", f"revision {inp.revision} pinned to {what}"))
+        return PrepareRevisionResult(ok=True, commit=pin.commit, snapshot=pin.snapshot)
+
+    @activity.defn
     def record_event(self, rec: EventRecord) -> None:
         with self.db.session() as session:
             e = self._endpoint(session, rec.endpoint)
@@ -191,8 +239,11 @@ class StandbyActivities:
                 inst = Instance(id=rec.instance_id, endpoint_id=e.id, status=rec.status)
                 session.add(inst)
             inst.status = rec.status
-            for name in ("generation", "reason", "host", "address", "port", "pid", "container_id", "gpu_type",
-                         "gpus", "workdir", "log_path"):
+            if rec.revision is None and not inst.revision:
+                # Started by a workflow from before revisions: it runs the serving revision.
+                inst.revision = _serving_revision(session, e)
+            for name in ("generation", "revision", "reason", "host", "address", "port", "pid", "container_id",
+                         "gpu_type", "gpus", "workdir", "log_path"):
                 value = getattr(rec, name)
                 if value is not None:
                     setattr(inst, name, value)
@@ -249,13 +300,15 @@ class StandbyActivities:
                                           f"(pid {adopted.pid})", inp.instance_id))
         if launched is None:
             with heartbeating():
-                prov = self.provision(ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, list(inp.gpus)))
+                prov = self.provision(ProvisionInput(inp.endpoint, inp.instance_id, inp.generation, list(inp.gpus),
+                                                     inp.revision))
             launched = {"host": prov.host, "address": prov.address, "port": prov.port, "pid": prov.pid,
                         "container_id": prov.container_id, "workdir": prov.workdir, "log_path": prov.log_path,
                         "started_at": time.time()}
             activity.heartbeat(launched)
             self.record_instance(InstanceRecord(
-                inp.endpoint, inp.instance_id, "starting", generation=inp.generation, gpu_type=inp.gpu_type,
+                inp.endpoint, inp.instance_id, "starting", generation=inp.generation,
+                revision=prov.revision or None, gpu_type=inp.gpu_type,
                 gpus=list(inp.gpus), host=prov.host, address=prov.address, port=prov.port, pid=prov.pid,
                 container_id=prov.container_id, workdir=prov.workdir, log_path=prov.log_path,
                 started_at=launched["started_at"], reason=f"waiting for {expectation(inp.health_path)}",
@@ -289,29 +342,53 @@ class StandbyActivities:
                                    ready_at=ready_at)
 
     def provision(self, inp: ProvisionInput) -> ProvisionResult:
+        from workers.revision_source import pin_revision, start_spec
+        from workers.sources import SourceError
         from workers.workdir import log_path_for, prepare_workdir
 
-        with self.db.session() as session:
-            e = self._endpoint(session, inp.endpoint)
-            # The one place a sealed secret is opened: for the instance's environment (common/secrets.py).
-            try:
-                env = reveal_env(e.env, box_for(self.settings))
-            except SecretsKeyError as err:
-                raise ApplicationError(str(err), type="SecretsKeyError", non_retryable=True) from None
-            source_kind, source_dir = e.source_kind, e.source_dir
-            start_command, image, port = e.start_command, e.image, e.port
-            cpu, mem, disk = e.cpu_cores, e.memory_gb, e.disk_gb
-            routes_source = _routes_source(session, e) if source_kind == "routes" else None
-        activity.heartbeat("preparing workdir")
         log_path = str(log_path_for(self.settings, inp.instance_id))
+        for attempt in (1, 2):
+            with self.db.session() as session:
+                e = self._endpoint(session, inp.endpoint)
+                # What runs: the instance's revision, its source as pinned (README.md "Revisions and
+                # updates"); an endpoint without revisions runs its spec.
+                run = start_spec(session, e, inp.revision) or {name: getattr(e, name) for name in (
+                    "start_command", "image", "port", "source_dir", "env", "cpu_cores", "memory_gb", "git_url",
+                    "git_ref", "routes", "model_version_id")}
+                revision = run.get("revision", 0)
+                if revision and not run.get("pinned") and attempt == 1:
+                    number = revision
+                else:
+                    number = 0
+                    # The one place a sealed secret is opened: for the instance's environment
+                    # (common/secrets.py); a revision keeps its environment sealed as the endpoint does.
+                    try:
+                        env = reveal_env(run.get("env") or [], box_for(self.settings))
+                    except SecretsKeyError as err:
+                        raise ApplicationError(str(err), type="SecretsKeyError", non_retryable=True) from None
+                    source_kind, source_dir = e.source_kind, run.get("source_dir") or ""
+                    start_command, image, port = run.get("start_command") or "", run.get("image") or "", run["port"]
+                    cpu, mem, disk = run["cpu_cores"], run["memory_gb"], e.disk_gb
+                    routes_source = _routes_source(session, run) if source_kind == "routes" else None
+            if not number:
+                break
+            # A revision made before revisions existed is pinned by its first start.
+            try:
+                pin_revision(self.settings, self.db, inp.endpoint, number,
+                             heartbeat=lambda detail: activity.heartbeat(detail))
+            except SourceError as err:
+                append_log(log_path, f"source preparation failed: {err}")
+                raise ApplicationError(str(err), type="SourceError", non_retryable=True) from err
+        activity.heartbeat("preparing workdir")
         append_log(log_path, f"provisioning instance {inp.instance_id} of {inp.endpoint} "
-                             f"(generation {inp.generation}, GPUs {inp.gpus or 'none'})")
+                             f"(generation {inp.generation}{f', revision {revision}' if revision else ''}, "
+                             f"GPUs {inp.gpus or 'none'})")
         try:
             workdir = prepare_workdir(self.settings, inp.instance_id,
                                       (source_dir or None) if source_kind == "server" else None)
             if routes_source is not None:
                 start_command, commit = _prepare_routes(self.settings, routes_source, workdir, log_path)
-                if commit and routes_source.get("version_id"):
+                if commit and routes_source.get("version_id") and not routes_source.get("pinned_commit"):
                     self._record_commit(routes_source["version_id"], commit)
         except (OSError, ValueError) as err:
             append_log(log_path, f"source preparation failed: {err}")
@@ -328,7 +405,8 @@ class StandbyActivities:
             raise ApplicationError(str(err), type="LaunchRefused", non_retryable=True) from err
         append_log(log_path, f"started on {launched.host} at {launched.address} (pid {launched.pid})")
         return ProvisionResult(host=launched.host, address=launched.address, port=launched.port, pid=launched.pid,
-                               container_id=launched.container_id, workdir=str(workdir), log_path=log_path)
+                               container_id=launched.container_id, workdir=str(workdir), log_path=log_path,
+                               revision=revision)
 
     def _record_commit(self, version_id: int, commit: str) -> None:
         from common.models import ModelVersion
@@ -469,6 +547,13 @@ class StandbyActivities:
             session.execute(delete(Instance).where(Instance.endpoint_id == e.id))
             session.execute(delete(Event).where(Event.endpoint_id == e.id))
             session.execute(delete(MetricPoint).where(MetricPoint.endpoint_id == e.id))
+            # Revisions hold the environment (secrets) and pinned sources: they go too.
+            from common.models import Revision
+            from workers.revision_source import remove_snapshots
+
+            revision_ids = list(session.scalars(select(Revision.id).where(Revision.endpoint_id == e.id)))
+            session.execute(delete(Revision).where(Revision.endpoint_id == e.id))
+            remove_snapshots(self.settings, revision_ids)
             # Keep a tombstone so the UI can say what happened; secrets go with the rest.
             e.env = [{"key": item["key"], "value": "", "secret": bool(item.get("secret"))} for item in (e.env or [])]
             e.status = TERMINATED
@@ -550,22 +635,52 @@ def last_log_lines(path: str, count: int) -> list[str]:
     return [line[:300] for line in own[-count:]]
 
 
-def _routes_source(session, endpoint: Endpoint) -> dict:
-    """Snapshot of a routes endpoint's source, copied out while the session is open (issue 4)."""
+def _routes_source(session, run: dict) -> dict:
+    """Snapshot of a routes endpoint's source (its revision's, with the commit pinned), copied out
+    while the session is open (issue 4)."""
     from common.models import ModelVersion
     from workers.sources import source_snapshot
 
-    if endpoint.model_version_id is not None:
-        version = session.get(ModelVersion, endpoint.model_version_id)
+    commit = run.get("source_commit") or ""
+    if run.get("model_version_id") is not None:
+        version = session.get(ModelVersion, run["model_version_id"])
         if version is None:
-            raise ApplicationError(f"model version {endpoint.model_version_id} no longer exists",
+            raise ApplicationError(f"model version {run['model_version_id']} no longer exists",
                                    type="SourceError", non_retryable=True)
         snap = source_snapshot(version)
         snap["version_id"] = version.id
     else:
-        snap = {"kind": "git", "git_url": endpoint.git_url, "git_ref": endpoint.git_ref}
-    snap["routes"] = list(endpoint.routes or [])
+        snap = {"kind": "git", "git_url": run.get("git_url") or "", "git_ref": run.get("git_ref") or ""}
+    if commit and snap["kind"] == "git":
+        snap["git_ref"] = snap["pinned_commit"] = commit  # the commit pinned when the revision was made
+    snap["routes"] = list(run.get("routes") or [])
     return snap
+
+
+def _needs_netns(source_kind: str, image: str, start_command: str) -> bool:
+    """A fixed-port command on the process backend: only hosts with network namespaces take it."""
+    from workers.ports import uses_port_placeholder
+
+    return source_kind == "server" and not image and not uses_port_placeholder(start_command or "")
+
+
+def _revision_info(source_kind: str, revision) -> RevisionInfo:
+    spec = revision.spec or {}
+    return RevisionInfo(number=revision.number, traffic=revision.traffic, state=revision.state,
+                        pinned=revision.pinned_at is not None, gpu_type=spec.get("gpu_type") or "",
+                        gpu_count=int(spec.get("gpu_count") or 0), cpu_cores=float(spec.get("cpu_cores") or 1.0),
+                        memory_gb=float(spec.get("memory_gb") or 1.0), pools=list(spec.get("pools") or []),
+                        needs_netns=_needs_netns(source_kind, spec.get("image") or "", spec.get("start_command") or ""))
+
+
+def _serving_revision(session, endpoint: Endpoint) -> int:
+    from common.models import Revision
+
+    rows = session.execute(select(Revision.number, Revision.traffic).where(Revision.endpoint_id == endpoint.id)).all()
+    split = {number: traffic for number, traffic in rows if traffic > 0}
+    if split:
+        return max(split, key=lambda n: (split[n], n))
+    return max((number for number, _ in rows), default=0)
 
 
 def _prepare_routes(settings: Settings, source: dict, workdir, log_path: str) -> tuple[str, str]:

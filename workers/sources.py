@@ -225,3 +225,36 @@ def _from_git(settings: Settings, url: str, ref: str, workdir: Path, beat: _Thro
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return SourceInfo(kind="git", resolved_commit=commit, git_url=url, git_ref=ref, files=files)
+
+
+def resolve_commit(settings: Settings, url: str, ref: str,
+                   heartbeat: Callable[[str], None] | None = None) -> str:
+    """The commit `ref` (a branch, tag or commit) names in the repository at `url` now: what a
+    revision pins (README.md "Revisions and updates"). Asks the remote for its refs; a ref it does
+    not list (an abbreviated commit) is resolved in a clone. Raises SourceError."""
+    if not url or not ref:
+        raise SourceError("a git source needs both a URL and a ref")
+    if problem := git_url_error(url, settings.allow_file_git):
+        raise SourceError(f"the git URL is refused: {problem}")
+    if problem := git_ref_error(ref):
+        raise SourceError(f"the git ref is refused: {problem}")
+    beat = _Throttled(heartbeat)
+    deadline = time.monotonic() + settings.model_git_timeout_seconds
+    if len(ref) == 40 and all(c in "0123456789abcdef" for c in ref.lower()):
+        return ref.lower()
+    listed = _git(settings, ["ls-remote", "--", url, ref], None, deadline, beat)
+    found: dict[str, str] = {}
+    for line in listed.splitlines():
+        commit, _, name = line.partition("\t")
+        found[name.strip()] = commit.strip()
+    # An annotated tag's commit is its peeled line (^{}); a branch wins over a tag of the same name.
+    for name in (f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", ref):
+        if name in found:
+            return found[name]
+    staging = Path(tempfile.mkdtemp(prefix=".resolve-"))
+    try:
+        clone = staging / "repo"
+        _git(settings, ["clone", "--quiet", "--no-checkout", "--", url, str(clone)], None, deadline, beat)
+        return _resolve(settings, clone, ref, deadline, beat)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

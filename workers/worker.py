@@ -22,11 +22,12 @@ from workflows.endpoint import EndpointWorkflow
 from workflows.gpu_pool import GpuPoolWorkflow
 from workflows.instance import InstanceWorkflow
 from workflows.pool import PoolWorkflow
+from workflows.rollout import RolloutWorkflow
 
 log = logging.getLogger(__name__)
 STICKY_TIMEOUT_SECONDS = 1.0
 # GpuPoolWorkflow: the per-host GPU queue of instances started before pools (workflows/gpu_pool.py).
-WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, PoolWorkflow, GpuPoolWorkflow]
+WORKFLOWS = [EndpointWorkflow, InstanceWorkflow, PoolWorkflow, GpuPoolWorkflow, RolloutWorkflow]
 
 
 def serve_metrics(settings: Settings) -> None:

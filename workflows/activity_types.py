@@ -10,6 +10,23 @@ from dataclasses import dataclass, field, make_dataclass
 from common.spec_fields import LIFECYCLE, python_type, read_by
 
 
+@dataclass
+class RevisionInfo:
+    """What the lifecycle needs of one revision (common/revisions.py): its traffic share and state
+    as last recorded, whether its source is pinned, and the resources and place its instances need."""
+
+    number: int
+    traffic: int = 0
+    state: str = "pending"
+    pinned: bool = False
+    gpu_type: str = ""
+    gpu_count: int = 0
+    cpu_cores: float = 1.0
+    memory_gb: float = 1.0
+    pools: list[str] = field(default_factory=list)
+    needs_netns: bool = False
+
+
 def _lifecycle_spec_fields() -> list:
     spec_fields = [(f.name, python_type(f), field(default_factory=lambda d=f.default: list(d))
                     if isinstance(f.default, list) else field(default=f.default))
@@ -31,6 +48,15 @@ def _lifecycle_spec_fields() -> list:
         ("needs_netns", bool, field(default=False)),
         # Its project (common/account_models.py): its pool applies the project's GPU quota.
         ("project", str, field(default="")),
+        # The endpoint's revisions, newest first; empty for an endpoint made before revisions.
+        ("revisions", list[RevisionInfo], field(default_factory=list)),
+        # Updates (README.md "Revisions and updates"): how long a new instance serves before the
+        # next step, the error rate above which an update rolls back, how long blue-green keeps the
+        # old set, and a canary's pause between steps.
+        ("rollout_settle_seconds", float, field(default=10.0)),
+        ("rollout_error_rate", float, field(default=0.05)),
+        ("blue_green_window_seconds", float, field(default=300.0)),
+        ("canary_pause_seconds", float, field(default=60.0)),
     ]
     return [("name", str)] + spec_fields + platform
 
@@ -75,6 +101,7 @@ class InstanceRecord:
     instance_id: str
     status: str
     generation: int | None = None
+    revision: int | None = None
     reason: str | None = None
     host: str | None = None
     address: str | None = None
@@ -105,6 +132,8 @@ class StartInstanceInput:
     startup_timeout_seconds: int
     gpus: list[int] = field(default_factory=list)
     gpu_type: str = ""
+    # The revision it runs (0: the endpoint's serving revision, or its spec without revisions).
+    revision: int = 0
 
 
 @dataclass
@@ -228,3 +257,39 @@ class WarmWindowsResult:
     instances: int = 0
     open_windows: list[str] = field(default_factory=list)
     next_change: float | None = None
+
+
+@dataclass
+class PrepareRevisionInput:
+    """Pin a revision's source, once: resolve its git ref to a commit, copy its source directory."""
+
+    endpoint: str
+    revision: int
+
+
+@dataclass
+class PrepareRevisionResult:
+    ok: bool
+    reason: str = ""
+    commit: str = ""
+    snapshot: str = ""
+
+
+@dataclass
+class RevisionState:
+    number: int
+    state: str
+    reason: str = ""
+    strategy: str | None = None
+
+
+@dataclass
+class RevisionsRecord:
+    """The traffic split (every revision not named has no share) and revision states, written
+    together with an optional event."""
+
+    endpoint: str
+    traffic: dict[int, int] | None = None
+    states: list[RevisionState] = field(default_factory=list)
+    event_kind: str = ""
+    event_message: str = ""

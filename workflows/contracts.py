@@ -6,13 +6,14 @@ Every message is one dataclass so that fields can be added without breaking runn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workflows.traffic_types import InstanceTraffic, TrafficReport  # noqa: F401 (re-exported)
 
 ENDPOINT_WORKFLOW = "EndpointWorkflow"
 INSTANCE_WORKFLOW = "InstanceWorkflow"
 GPU_POOL_WORKFLOW = "GpuPoolWorkflow"
+ROLLOUT_WORKFLOW = "RolloutWorkflow"
 
 # Signals of EndpointWorkflow (fire and forget). stop/restart/terminate/wake take no argument
 # or an empty JSON object, so the CLI can send them bare.
@@ -28,6 +29,12 @@ SIGNAL_USAGE = "usage"
 # Updates of EndpointWorkflow (the caller waits for the answer).
 UPDATE_WAKE = "wake_until_ready"
 UPDATE_SCALE_OUT = "scale_out"
+# Revisions and updates (README.md "Revisions and updates"): roll a revision out, split traffic,
+# roll back to the last good revision, promote a paused canary or end a blue-green window.
+UPDATE_DEPLOY = "deploy"
+UPDATE_SET_TRAFFIC = "set_traffic"
+UPDATE_ROLLBACK = "rollback"
+UPDATE_PROMOTE = "promote"
 QUERY_STATUS = "status"
 # Signal of InstanceWorkflow, sent by the worker whose instance process exited on its own.
 SIGNAL_PROCESS_EXITED = "process_exited"
@@ -36,6 +43,10 @@ SIGNAL_PROCESS_EXITED = "process_exited"
 ERR_REPLICA_QUOTA = "ReplicaQuotaExceeded"  # proxy code 1007
 ERR_NOT_SERVING = "EndpointNotServing"  # stopped / failed / terminated: must not wake
 ERR_START_FAILED = "InstanceStartFailed"  # the instance failed its readiness probe
+ERR_ROLLOUT_ACTIVE = "RolloutInProgress"  # another update runs: wait, promote or roll it back
+ERR_NO_ROLLOUT = "NoRollout"  # promote with no update waiting for it
+ERR_NOTHING_TO_ROLL_BACK = "NothingToRollBack"  # no earlier good revision
+ERR_BAD_SPLIT = "BadTrafficSplit"  # names an unknown revision, or does not sum to 100
 
 
 def endpoint_workflow_id(name: str) -> str:
@@ -48,6 +59,10 @@ def instance_workflow_id(endpoint_name: str, instance_id: str) -> str:
 
 def gpu_pool_workflow_id(pool: str) -> str:
     return f"gpu-pool-{pool}"
+
+
+def rollout_workflow_id(endpoint_name: str, rollout: int) -> str:
+    return f"endpoint-{endpoint_name}-rollout-{rollout}"
 
 
 @dataclass
@@ -74,6 +89,8 @@ class ScaleRequest:
 @dataclass
 class WakeRequest:
     request_id: str = ""
+    # The revision the proxy routed the request to (0: the one with the largest share).
+    revision: int = 0
 
 
 @dataclass
@@ -84,11 +101,13 @@ class WakeResult:
     # When the instance became ready (unix seconds, workflow time), so a caller can tell whether
     # its request waited for that start.
     ready_at: float | None = None
+    revision: int = 0
 
 
 @dataclass
 class ScaleOutRequest:
     request_id: str = ""
+    revision: int = 0
 
 
 @dataclass
@@ -96,6 +115,69 @@ class ScaleOutResult:
     instance_id: str
     address: str
     ready_at: float | None = None
+    revision: int = 0
+
+
+@dataclass
+class DeployRequest:
+    """Roll `revision` out (a revision the web app made). Options left None take the worker's
+    settings (STANDBY_ROLLOUT_*, README.md "Revisions and updates")."""
+
+    revision: int
+    strategy: str = "rolling"
+    # canary: the percentages of its steps (the last is 100); pause between them, or `manual`:
+    # wait for a promote.
+    steps: list[int] = field(default_factory=list)
+    pause_seconds: float | None = None
+    manual: bool = False
+    # How long a new instance serves before the next step, and the error rate that rolls back.
+    settle_seconds: float | None = None
+    error_rate: float | None = None
+    # blue-green: how long the old set is kept after the switch, for a quick rollback.
+    window_seconds: float | None = None
+    request_id: str = ""
+
+
+@dataclass
+class DeployResult:
+    rollout: int
+    revision: int
+    strategy: str
+
+
+@dataclass
+class TrafficSplitRequest:
+    traffic: dict[int, int] = field(default_factory=dict)
+    request_id: str = ""
+
+
+@dataclass
+class TrafficSplitResult:
+    traffic: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class RollbackRequest:
+    reason: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class RollbackResult:
+    revision: int
+    message: str = ""
+    rollout: int = 0
+
+
+@dataclass
+class PromoteRequest:
+    request_id: str = ""
+
+
+@dataclass
+class PromoteResult:
+    rollout: int
+    message: str = ""
 
 
 # At the bottom: lifecycle imports TrafficReport from here; the annotation above is resolved

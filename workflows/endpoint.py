@@ -1,12 +1,15 @@
 """EndpointWorkflow (id `endpoint-<name>`): an endpoint's whole life, from creation to purge.
 
 It is the only thing that decides to start, drain or release an instance. It owns the idle
-timer and the purge timer. Instances are child workflows (InstanceWorkflow) that report back
-with `instance_changed`. Decisions live in workflows/lifecycle.py as pure functions; this file
-turns signals into state changes and decisions into activities and child workflows.
+timer, the purge timer and the traffic split between revisions. Instances are child workflows
+(InstanceWorkflow) that report back with `instance_changed`; an update is a child RolloutWorkflow
+(workflows/rollout.py) that decides its steps and sends them with `rollout_step`. Decisions live
+in workflows/lifecycle.py and workflows/rollout_logic.py as pure functions; this file turns
+signals into state changes and decisions into activities and child workflows.
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
@@ -17,22 +20,43 @@ from temporalio.workflow import ParentClosePolicy
 with workflow.unsafe.imports_passed_through():
     from common.models import I_DRAINING, I_FAILED, I_READY, I_STOPPED
     from workflows import autoscale as asc
+    from common.revisions import (
+        BLUE_GREEN,
+        CANARY,
+        R_DEPLOYING,
+        R_FAILED,
+        R_RETIRED,
+        R_SERVING,
+        ROLLING,
+        STRATEGIES,
+        primary,
+    )
     from workflows import lifecycle as lc
+    from workflows import rollout_logic as rl
     from workflows.activity_types import (
         EndpointStatusUpdate,
         EventRecord,
         InstanceRecord,
         LifecycleSpec,
         LoadSpecInput,
+        PrepareRevisionInput,
+        PrepareRevisionResult,
         PurgeInput,
         WarmWindowsInput,
         WarmWindowsResult,
+        RevisionsRecord,
+        RevisionState,
     )
     from workflows.contracts import (
+        ERR_BAD_SPLIT,
+        ERR_NO_ROLLOUT,
         ERR_NOT_SERVING,
+        ERR_NOTHING_TO_ROLL_BACK,
         ERR_REPLICA_QUOTA,
+        ERR_ROLLOUT_ACTIVE,
         ERR_START_FAILED,
         QUERY_STATUS,
+        ROLLOUT_WORKFLOW,
         SIGNAL_RESTART,
         SIGNAL_SCALE,
         SIGNAL_SPEC_CHANGED,
@@ -41,17 +65,45 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_TRAFFIC,
         SIGNAL_USAGE,
         SIGNAL_WAKE,
+        UPDATE_DEPLOY,
+        UPDATE_PROMOTE,
+        UPDATE_ROLLBACK,
         UPDATE_SCALE_OUT,
+        UPDATE_SET_TRAFFIC,
         UPDATE_WAKE,
         ActionRequest,
+        DeployRequest,
+        DeployResult,
         EndpointInput,
+        PromoteRequest,
+        PromoteResult,
+        RollbackRequest,
+        RollbackResult,
         ScaleOutRequest,
         ScaleOutResult,
         ScaleRequest,
         TrafficReport,
+        TrafficSplitRequest,
+        TrafficSplitResult,
         WakeRequest,
         WakeResult,
         instance_workflow_id,
+        rollout_workflow_id,
+    )
+    from workflows.rollout_types import (
+        COMMAND_ABORT,
+        COMMAND_PROMOTE,
+        COMMAND_ROLLBACK,
+        ROLLED_BACK,
+        SIGNAL_COMMAND,
+        SIGNAL_OBSERVED,
+        SIGNAL_ROLLOUT_STEP,
+        SUCCEEDED,
+        RolloutCommand,
+        RolloutInput,
+        RolloutOptions,
+        RolloutState,
+        RolloutStep,
     )
     from workflows.instance import (
         CAUSE_HOST_LOST,
@@ -76,6 +128,12 @@ MAX_TIMER_SECONDS = 366 * 24 * 3600.0
 PATCH_SPEC_TO_INSTANCES = "spec-to-instances"
 PATCH_AUTOSCALE = "autoscale"
 PATCH_WARM_WINDOWS = "warm-windows"
+# Revisions, the traffic split and updates (README.md "Revisions and updates"): taken on when the
+# spec first carries revisions; a restart while instances run becomes a rolling restart.
+PATCH_REVISIONS = "revisions"
+# While an update runs, its rollout hears from the endpoint at least this often (a failed signal
+# tells the endpoint the rollout is gone, so traffic is never left split by accident).
+ROLLOUT_KEEPALIVE_SECONDS = 30.0
 
 
 @workflow.defn(name="EndpointWorkflow")
@@ -92,6 +150,11 @@ class EndpointWorkflow:
         self._events: list[tuple[str, str]] = []
         # Instances a signal handler decided to release (it cannot signal them itself).
         self._release_soon: list[tuple[str, str]] = []
+        # Revision states to write with the next split (states are written with the traffic).
+        self._revision_states: list[RevisionState] = []
+        # Commands for the running rollout (promote, rollback, abort), sent by the loop.
+        self._rollout_commands: list[RolloutCommand] = []
+        self._spec_loads = 0
 
     # ---------------------------------------------------------------- run loop
     @workflow.run
@@ -108,6 +171,9 @@ class EndpointWorkflow:
             if problems:
                 self.state.desired = lc.WANT_FAILED
                 self.state.failure_reason = "spec refused: " + "; ".join(problems)
+            elif spec.revisions:
+                await self._adopt_revisions()
+                await self._pin_at_creation()
             for handler, arg in self._early:
                 handler(arg)
             self._early.clear()
@@ -138,6 +204,8 @@ class EndpointWorkflow:
         # Only between decisions: no handler waiting, no child about to start.
         if not workflow.all_handlers_finished() or any(i.status == lc.I_NEW for i in self.state.instances.values()):
             return
+        if self.state.rollout is not None and not self.state.rollout.started or self._rollout_commands:
+            return
         workflow.continue_as_new(EndpointInput(name=self.name, state=self.state))
 
     async def _reconcile(self) -> None:
@@ -147,6 +215,7 @@ class EndpointWorkflow:
             state.spec_reload_pending = False
             spec = await workflow.execute_local_activity(
                 "load_lifecycle_spec", LoadSpecInput(self.name), result_type=LifecycleSpec, **DB_WRITE)
+            self._spec_loads += 1
             problems = lc.spec_problems(spec) if spec.exists else []
             if problems:
                 await self._event("spec_refused", "spec change refused, the previous one stays: " + "; ".join(problems))
@@ -154,8 +223,25 @@ class EndpointWorkflow:
                 state.spec = spec
                 if workflow.patched(PATCH_SPEC_TO_INSTANCES):
                     await self._tell_instances(spec)
+                if spec.revisions and not state.split:
+                    await self._adopt_revisions()
+
+        # An update: started, then its steps applied (the split first, so that no request goes to
+        # an instance on its way out), whatever the endpoint's state.
+        if state.rollout is not None and not state.rollout.started:
+            await self._start_rollout()
+        await self._apply_rollout_step()
+        await self._send_rollout_commands()
+        # A split changed by hand (set_traffic, rollback) is written before any instance of a
+        # revision that lost its share starts draining below.
+        await self._record_split()
 
         if state.desired != lc.SERVING:
+            if state.rollout is not None and state.rollout.started and lc.live(state) \
+                    and not state.rollout.abort_sent:
+                state.rollout.abort_sent = True
+                self._rollout_commands.append(RolloutCommand(COMMAND_ABORT, f"endpoint {state.desired}"))
+                await self._send_rollout_commands()
             for view in lc.live(state):
                 await self._release(view, "endpoint " + state.desired)
             if state.desired == lc.WANT_STOPPED and not lc.live(state) and state.stopped_at is None:
@@ -173,15 +259,23 @@ class EndpointWorkflow:
                 if not old:
                     state.restart_pending = False
                     for _ in range(min(state.restart_target, state.spec.max_instances)):
-                        self._plan_instance()
+                        self._plan_instance(primary(state.split))
             if (state.spec.warm_windows or state.warm) and workflow.patched(PATCH_WARM_WINDOWS):
                 await self._warm_windows(now)
             autoscaling = state.spec.autoscaling and workflow.patched(PATCH_AUTOSCALE)
             if autoscaling:
                 await self._autoscale(now)
-            for _ in range(lc.wanted_new_instances(state)):
-                if not await self._undrain_one():
-                    self._plan_instance()
+            for revision, count in lc.wanted_by_revision(state).items():
+                for _ in range(count):
+                    if not await self._undrain_one(revision if state.split else None):
+                        self._plan_instance(revision)
+            for revision, count in lc.rollout_new_needed(state).items():
+                for _ in range(count):
+                    self._plan_instance(revision)
+            for iid in lc.to_retire(state):
+                await self._retire(state.instances[iid], "its revision has no traffic share")
+            for iid in lc.scaled_down(state):
+                await self._retire(state.instances[iid], f"scaled down to {state.spec.instance_count} instances")
             drain, _ = lc.idle_to_drain(state, now)
             for iid in drain:
                 await self._begin_drain(state.instances[iid])
@@ -197,10 +291,12 @@ class EndpointWorkflow:
             if iid in state.instances:
                 await self._release(state.instances[iid], why)
         await self._start_planned()
+        await self._record_split()
         while self._events:
             kind, message = self._events.pop(0)
             await self._event(kind, message)
         await self._publish()
+        await self._tell_rollout()
         lc.prune(state, now)
 
     async def _warm_windows(self, now: float) -> None:
@@ -257,35 +353,43 @@ class EndpointWorkflow:
         ]
         ended = [v.ended_at + 61 for v in state.instances.values() if v.ended_at is not None]
         times.extend(ended)
+        if state.rollout is not None and state.rollout.started:
+            times.append(state.rollout.last_sent_at + ROLLOUT_KEEPALIVE_SECONDS)
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
     # ---------------------------------------------------------------- instances
-    def _plan_instance(self) -> lc.InstanceView:
-        """Decide an instance; its child workflow is started by _start_planned in the loop."""
+    def _plan_instance(self, revision: int = 0) -> lc.InstanceView:
+        """Decide an instance (of `revision`; 0 without revisions); its child workflow is started by
+        _start_planned in the loop."""
         iid = "".join(ID_ALPHABET[workflow.random().randrange(26)] for _ in range(8))
+        if self.state.split and not revision:
+            revision = primary(self.state.split)
+        info = lc.revision_info(self.state.spec, revision) if revision else None
         view = lc.InstanceView(id=iid, status=lc.I_NEW, generation=self.state.generation, created_at=self._now(),
-                               pool=lc.choose_pool(self.state, self._now()))
+                               pool=lc.choose_pool(self.state, self._now(), info.pools if info else None),
+                               revision=revision)
         self.state.instances[iid] = view
         self._dirty = True
         return view
 
     async def _start_planned(self) -> None:
         for view in [v for v in self.state.instances.values() if v.status == lc.I_NEW]:
+            spec = lc.spec_for_revision(self.state.spec, view.revision)
             await workflow.start_child_workflow(
                 "InstanceWorkflow",
-                InstanceInput(self.name, view.id, view.generation, workflow.info().workflow_id, self.state.spec,
-                              pool=view.pool),
+                InstanceInput(self.name, view.id, view.generation, workflow.info().workflow_id, spec,
+                              pool=view.pool, revision=view.revision),
                 id=instance_workflow_id(self.name, view.id),
                 parent_close_policy=ParentClosePolicy.ABANDON,
             )
             if view.status == lc.I_NEW:  # its first report may already have arrived
                 # Only an instance that needs GPUs waits in a queue; others provision at once.
-                view.status = "queued" if self.state.spec.gpu_count > 0 else "provisioning"
+                view.status = "queued" if spec.gpu_count > 0 else "provisioning"
 
-    async def _undrain_one(self) -> bool:
+    async def _undrain_one(self, revision: int | None = None) -> bool:
         """Demand came back while an instance drains: keep it instead of starting another."""
-        for view in lc.undrainable(self.state):
+        for view in lc.undrainable(self.state, revision):
             lc.undrain(self.state, view, self._now())
             await workflow.execute_local_activity(
                 "record_instance", InstanceRecord(self.name, view.id, I_READY, event_kind="instance_undrained",
@@ -304,6 +408,21 @@ class EndpointWorkflow:
                                               event_message=f"instance {view.id} {why}: draining"),
             **DB_WRITE)
 
+    async def _retire(self, view: lc.InstanceView, reason: str) -> None:
+        """Take an instance out on purpose (an update replaced it, its revision lost its share, a
+        scale-down): drained first when it serves, so no request in flight fails, and never kept
+        back by returning demand."""
+        view.retiring = True
+        if view.status == I_READY and not view.release_sent:
+            view.status = I_DRAINING
+            view.draining_since = self._now()
+            await workflow.execute_local_activity(
+                "record_instance", InstanceRecord(self.name, view.id, I_DRAINING, event_kind="instance_draining",
+                                                  event_message=f"instance {view.id} draining: {reason}"),
+                **DB_WRITE)
+        elif view.status != I_DRAINING:
+            await self._release(view, reason)
+
     async def _release(self, view: lc.InstanceView, reason: str) -> None:
         if view.release_sent:
             return
@@ -317,6 +436,235 @@ class EndpointWorkflow:
         except Exception as err:  # the child already ended; its last report is on its way or lost
             workflow.logger.warning("release of %s failed: %s", view.id, err)
             view.status, view.ended_at = I_STOPPED, self._now()
+
+
+    # ---------------------------------------------------------------- revisions and updates
+    async def _adopt_revisions(self) -> None:
+        """The spec carries revisions for the first time (a new endpoint, or one made before
+        revisions, after its spec reloads): route by their recorded shares from now on."""
+        if not workflow.patched(PATCH_REVISIONS):
+            return
+        state = self.state
+        split = {info.number: info.traffic for info in state.spec.revisions if info.traffic > 0}
+        if not split:  # no share recorded yet: the newest revision takes all
+            split = {max(info.number for info in state.spec.revisions): 100}
+        lc.adopt_split(state, split)
+        # What the database holds already needs no writing; a split it lacks is written next.
+        state.recorded_split = {info.number: info.traffic for info in state.spec.revisions if info.traffic > 0}
+
+    async def _pin_at_creation(self) -> None:
+        """A revision's source is pinned when it is made (README.md "Revisions and updates"): the
+        first revision's, when its endpoint's workflow starts. A source that cannot be pinned (no
+        such commit, directory or repository) fails the endpoint now rather than at its first call."""
+        state = self.state
+        first = primary(state.split)
+        info = lc.revision_info(state.spec, first)
+        if info is None or info.pinned:
+            return
+        pinned = await self._prepare_revision(first)
+        if not pinned.ok:
+            state.desired = lc.WANT_FAILED
+            state.failure_reason = f"the source of revision {first} could not be pinned: {pinned.reason}"
+            self._revision_states.append(RevisionState(first, R_FAILED, pinned.reason))
+
+    async def _prepare_revision(self, number: int) -> PrepareRevisionResult:
+        try:
+            return await workflow.execute_activity(
+                "prepare_revision", PrepareRevisionInput(self.name, number), result_type=PrepareRevisionResult,
+                start_to_close_timeout=timedelta(hours=1), heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=["SourceError"]))
+        except Exception as err:  # an ActivityError: the cause says why
+            return PrepareRevisionResult(ok=False, reason=str(getattr(err, "cause", None) or err))
+
+    def _options(self, req: DeployRequest | None, strategy: str = ROLLING) -> RolloutOptions:
+        spec = self.state.spec
+
+        def given(value, default):
+            return default if value is None else value
+
+        return RolloutOptions(
+            strategy=(req.strategy if req and req.strategy in STRATEGIES else strategy),
+            steps=list(req.steps) if req and req.steps else [],
+            pause_seconds=given(req.pause_seconds if req else None, spec.canary_pause_seconds),
+            manual=bool(req and req.manual),
+            settle_seconds=given(req.settle_seconds if req else None, spec.rollout_settle_seconds),
+            error_rate=given(req.error_rate if req else None, spec.rollout_error_rate),
+            window_seconds=given(req.window_seconds if req else None, spec.blue_green_window_seconds),
+        )
+
+    def _new_rollout(self, kind: str, target: int, options: RolloutOptions, abandons: int = 0) -> RolloutState:
+        state = self.state
+        state.rollout_seq += 1
+        state.generation += 1
+        state.rollout = RolloutState(rollout=state.rollout_seq, workflow_id=rollout_workflow_id(self.name, state.rollout_seq),
+                                     target=target, generation=state.generation, options=options, kind=kind,
+                                     abandons=abandons)
+        self._dirty = True
+        return state.rollout
+
+    async def _start_rollout(self) -> None:
+        state, r = self.state, self.state.rollout
+        r.base_split = dict(state.split)
+        info = lc.revision_info(state.spec, r.target) if r.target else None
+        if r.target and info is None:
+            state.rollout = None
+            await self._event("rollout_refused", f"update {r.rollout}: revision {r.target} does not exist")
+            return
+        r.pin = bool(info and not info.pinned)
+        what = {"deploy": f"revision {r.target} rolling out ({r.options.strategy})",
+                "rollback": f"rolling back to revision {r.target} (revision {r.abandons} leaves)",
+                "restart": "rolling restart of the running instances"}[r.kind]
+        states = [RevisionState(r.target, R_DEPLOYING, "", r.options.strategy)] if r.kind == "deploy" else []
+        await workflow.execute_local_activity(
+            "record_revisions", RevisionsRecord(self.name, None, states, "rollout_started", f"update {r.rollout}: {what}"),
+            **DB_WRITE)
+        await workflow.start_child_workflow(
+            ROLLOUT_WORKFLOW,
+            RolloutInput(self.name, workflow.info().workflow_id, r.rollout, r.target, dict(r.base_split), r.options,
+                         float(state.spec.startup_timeout_seconds), r.pin),
+            id=r.workflow_id,
+            parent_close_policy=ParentClosePolicy.ABANDON,
+        )
+        r.started = True
+        r.last_sent_at = 0.0
+
+    async def _apply_rollout_step(self) -> None:
+        """The rollout's last step: its split (written before anything is released), new instances
+        to keep (planned by the reconcile), old instances to release, and its end."""
+        state, r = self.state, self.state.rollout
+        if r is None or r.step is None or r.step.seq <= r.applied_seq:
+            return
+        step = r.step
+        r.applied_seq = step.seq
+        if step.split and step.split != state.split:
+            state.split = dict(step.split)
+            await self._record_split()
+        for iid in step.release:
+            view = state.instances.get(iid)
+            if view is not None and view.status in lc.LIVE and not view.release_sent:
+                await self._retire(view, f"replaced by update {r.rollout}")
+        if step.done:
+            await self._finish_rollout(r, step.outcome, step.reason, step.split or r.base_split)
+
+    async def _finish_rollout(self, r: RolloutState, outcome: str, reason: str, split: dict[int, int]) -> None:
+        state = self.state
+        state.rollout = None
+        state.split = dict(split) if split else state.split
+        if outcome == SUCCEEDED:
+            if r.target:
+                state.good = [g for g in state.good if g not in (r.target, r.abandons)] + [r.target]
+                self._revision_states.append(RevisionState(r.target, R_SERVING, ""))
+            if r.kind == "rollback" and r.abandons:
+                self._revision_states.append(RevisionState(r.abandons, R_FAILED, f"rolled back to revision {r.target}"))
+            message = {"deploy": f"revision {r.target} serves all traffic ({r.options.strategy})",
+                       "rollback": f"rolled back to revision {r.target}",
+                       "restart": "rolling restart done"}[r.kind]
+            kind = "rollout_succeeded"
+        else:
+            if r.target and r.kind == "deploy" and r.target not in state.split:
+                self._revision_states.append(RevisionState(
+                    r.target, R_FAILED if outcome == ROLLED_BACK else R_RETIRED,
+                    reason if outcome == ROLLED_BACK else f"update aborted: {reason}"))
+            message = f"{'rolled back' if outcome == ROLLED_BACK else 'aborted'}: {reason}"
+            kind = "rollout_rolled_back" if outcome == ROLLED_BACK else "rollout_aborted"
+        for number in r.base_split:
+            if number not in state.split and number != r.abandons:
+                self._revision_states.append(RevisionState(number, R_RETIRED, f"replaced by update {r.rollout}"))
+        self._note(kind, f"update {r.rollout}: {message}")
+        # The split it ends with is written first; then the instances it leaves behind go.
+        await self._record_split(force=True)
+        if outcome != SUCCEEDED:
+            for view in lc.live(state):
+                if lc.started_by(r, view) and not view.release_sent:
+                    await self._retire(view, f"update {r.rollout} {outcome.replace('_', ' ')}")
+
+    async def _rollout_gone(self, r: RolloutState, why: str) -> None:
+        """The rollout ended without a last step (terminated by an operator): the split it started
+        from comes back, so traffic is never left split by accident. A rollout that ended with its
+        last step is not gone: that step reached this workflow before its end did (it signals, then
+        completes), so it is applied as sent."""
+        if self.state.rollout is not r:
+            return
+        if r.step is not None and r.step.done:
+            await self._apply_rollout_step()
+            return
+        await self._finish_rollout(r, "aborted", why, r.base_split)
+
+    async def _send_rollout_commands(self) -> None:
+        r = self.state.rollout
+        if r is None or not r.started:
+            return
+        while self._rollout_commands:
+            command = self._rollout_commands.pop(0)
+            try:
+                await workflow.get_external_workflow_handle(r.workflow_id).signal(SIGNAL_COMMAND, command)
+            except Exception as err:  # it ended meanwhile
+                await self._rollout_gone(r, f"the update's workflow ended: {err}")
+                return
+
+    async def _tell_rollout(self) -> None:
+        """Send the running rollout what it watches, when that changed (and at least every
+        ROLLOUT_KEEPALIVE_SECONDS)."""
+        r = self.state.rollout
+        if r is None or not r.started:
+            return
+        now = self._now()
+        obs = rl.observe(self.state, now)
+        if obs == r.last_observation and now - r.last_sent_at < ROLLOUT_KEEPALIVE_SECONDS:
+            return
+        r.obs_seq += 1
+        r.last_observation, r.last_sent_at = obs, now
+        try:
+            await workflow.get_external_workflow_handle(r.workflow_id).signal(
+                SIGNAL_OBSERVED, dataclasses.replace(obs, seq=r.obs_seq))
+        except Exception as err:
+            await self._rollout_gone(r, f"the update's workflow ended: {err}")
+
+    async def _record_split(self, force: bool = False) -> None:
+        """Write the split (and revision states) where the proxy reads it, when it changed."""
+        state = self.state
+        if not state.split or (state.split == state.recorded_split and not self._revision_states and not force):
+            return
+        before = state.recorded_split
+        states = list(self._revision_states)
+        self._revision_states.clear()
+        named = {s.number for s in states}
+        deploying = state.rollout.target if state.rollout is not None else None
+        for number in state.split:
+            if number not in before and number not in named and number != deploying:
+                states.append(RevisionState(number, R_SERVING, ""))
+        for number in before:
+            if number not in state.split and number not in named and number != deploying:
+                states.append(RevisionState(number, R_RETIRED, "no traffic share"))
+        shares = ", ".join(f"revision {n} {p}%" for n, p in sorted(state.split.items()))
+        await workflow.execute_local_activity(
+            "record_revisions",
+            RevisionsRecord(self.name, dict(state.split), states,
+                            "traffic" if state.split != before else "", f"traffic: {shares}"),
+            **DB_WRITE)
+        state.recorded_split = dict(state.split)
+
+    def _wake_revision(self, revision: int) -> int:
+        """The revision a wake or scale-out is for: the one asked for while it has a share, else
+        the primary one (0 without revisions)."""
+        split = self.state.split
+        if not split:
+            return 0
+        return revision if revision in split else primary(split)
+
+    def _routable(self, revision: int) -> list[lc.InstanceView]:
+        return [v for v in lc.routable(self.state) if not revision or v.revision == revision]
+
+    def _ask_wake(self, revision: int) -> None:
+        state = self.state
+        if not state.wake_pending:
+            state.wake_revisions = []
+        if revision and revision not in state.wake_revisions:
+            state.wake_revisions.append(revision)
+        if not state.wake_pending:
+            self._note("wake", "wake requested" + (f" (revision {revision})" if revision else ""))
+        state.wake_pending = True
+        self._dirty = True
 
     # ---------------------------------------------------------------- publishing
     async def _publish(self) -> None:
@@ -368,6 +716,15 @@ class EndpointWorkflow:
         if state.desired in (lc.WANT_FAILED, lc.WANT_TERMINATED):
             self._note("ignored", f"restart ignored: endpoint is {state.desired}")
             return  # a failed endpoint can only be terminated
+        if state.split and state.desired == lc.SERVING and lc.routable(state) and workflow.patched(PATCH_REVISIONS):
+            # Instances run: replace them one at a time, each new one serving before an old one
+            # leaves (README.md "Revisions and updates"), instead of stopping them all first.
+            if state.rollout is not None:
+                self._note("ignored", f"restart ignored: update {state.rollout.rollout} is in progress")
+                return
+            self._new_rollout("restart", 0, self._options(None))
+            self._note("restart", "rolling restart requested")
+            return
         was_serving = any(v.status in (I_READY, I_DRAINING) for v in lc.live(state))
         state.desired = lc.SERVING
         state.generation += 1
@@ -390,9 +747,7 @@ class EndpointWorkflow:
         if self._early_or(self.wake, req):
             return
         if self.state.desired == lc.SERVING and not lc.routable(self.state):
-            if not self.state.wake_pending:
-                self._note("wake", "wake requested")
-            self.state.wake_pending = True
+            self._ask_wake(self._wake_revision(0))
 
     @workflow.signal(name=SIGNAL_TRAFFIC)
     def traffic(self, report: TrafficReport) -> None:
@@ -453,11 +808,28 @@ class EndpointWorkflow:
         view.status = change.status
         if change.status == I_READY:
             view.ready_at = change.at
-            state.wake_pending = False
+            if view.revision in state.wake_revisions:
+                state.wake_revisions.remove(view.revision)
+            state.wake_pending = bool(state.wake_revisions) and bool(state.split)
         if change.status in lc.TERMINAL:
             view.ended_at = change.at
             view.reason = change.reason
-            if change.status == I_FAILED and view.ready_at is None and not view.release_sent \
+            if change.status == I_FAILED and lc.in_new_group(state, view):
+                pass  # an update's new instance: its rollout sees the failure and rolls back
+            elif change.status == I_FAILED and view.ready_at is None and not view.release_sent \
+                    and state.desired == lc.SERVING and change.cause != CAUSE_HOST_LOST \
+                    and len(state.split) > 1 and view.revision != lc.good_revision(state) \
+                    and lc.good_revision(state) in state.split:
+                # A revision given a share by hand that cannot start: its share goes back to the
+                # last good revision; the endpoint goes on serving.
+                good = lc.good_revision(state)
+                state.split = lc.move_share(state.split, view.revision, good)
+                if view.revision in state.wake_revisions:
+                    state.wake_revisions.remove(view.revision)
+                self._revision_states.append(RevisionState(view.revision, R_FAILED, change.reason))
+                self._note("revision_failed", f"revision {view.revision} never became ready ({change.reason}): "
+                                              f"its share goes to revision {good}")
+            elif change.status == I_FAILED and view.ready_at is None and not view.release_sent \
                     and state.desired == lc.SERVING and change.cause != CAUSE_HOST_LOST:
                 # It never became ready: the spec is broken (bad command, health path, timeout).
                 # Retrying would loop forever, so the endpoint fails and can only be terminated.
@@ -475,19 +847,36 @@ class EndpointWorkflow:
                 self._note("failed", state.failure_reason)
         self._dirty = True
 
+    @workflow.signal(name=SIGNAL_ROLLOUT_STEP)
+    def rollout_step(self, step: RolloutStep) -> None:
+        """A step of the running update, from its RolloutWorkflow."""
+        if self._early_or(self.rollout_step, step):
+            return
+        r = self.state.rollout
+        if r is None or step.rollout != r.rollout or (r.step is not None and step.seq <= r.step.seq):
+            return
+        r.step = step
+        self._dirty = True
+
     # ---------------------------------------------------------------- updates
     @workflow.update(name=UPDATE_WAKE)
     async def wake_until_ready(self, req: WakeRequest | None = None) -> WakeResult:
         await workflow.wait_condition(lambda: self.state is not None)
-        ready = lc.routable(self.state)
+        asked = req.revision if req else 0
+        ready = self._routable(self._wake_revision(asked))
         if ready:
-            return WakeResult(ready[0].id, ready[0].address, cold_start=False, ready_at=ready[0].ready_at)
-        self.wake(None)
-        await workflow.wait_condition(lambda: bool(lc.routable(self.state)) or self.state.desired != lc.SERVING)
-        ready = lc.routable(self.state)
+            return WakeResult(ready[0].id, ready[0].address, cold_start=False, ready_at=ready[0].ready_at,
+                              revision=ready[0].revision)
+        if self.state.desired == lc.SERVING:
+            self._ask_wake(self._wake_revision(asked))
+        # The revision asked for may lose its share meanwhile (an update ends): then the primary.
+        await workflow.wait_condition(lambda: bool(self._routable(self._wake_revision(asked)))
+                                      or self.state.desired != lc.SERVING)
+        ready = self._routable(self._wake_revision(asked))
         if not ready:
             raise self._not_serving_error()
-        return WakeResult(ready[0].id, ready[0].address, cold_start=True, ready_at=ready[0].ready_at)
+        return WakeResult(ready[0].id, ready[0].address, cold_start=True, ready_at=ready[0].ready_at,
+                          revision=ready[0].revision)
 
     @wake_until_ready.validator
     def _validate_wake(self, req: WakeRequest | None = None) -> None:
@@ -506,7 +895,7 @@ class EndpointWorkflow:
             if len(lc.live(state)) >= state.spec.max_instances:
                 raise ApplicationError("deployment replica quota exceeded", type=ERR_REPLICA_QUOTA,
                                        non_retryable=True)
-            iid = self._plan_instance().id
+            iid = self._plan_instance(self._wake_revision(req.revision if req else 0)).id
             if request_id:
                 state.scale_outs[request_id] = iid
         await workflow.wait_condition(
@@ -516,11 +905,128 @@ class EndpointWorkflow:
             reason = view.reason if view else "instance ended"
             raise ApplicationError(f"instance {iid} did not become ready: {reason}", type=ERR_START_FAILED,
                                    non_retryable=True)
-        return ScaleOutResult(iid, view.address, view.ready_at)
+        return ScaleOutResult(iid, view.address, view.ready_at, view.revision)
 
     @scale_out.validator
     def _validate_scale_out(self, req: ScaleOutRequest | None = None) -> None:
         if self.state is not None and self.state.desired != lc.SERVING:
+            raise self._not_serving_error()
+
+    @workflow.update(name=UPDATE_DEPLOY)
+    async def deploy(self, req: DeployRequest) -> DeployResult:
+        """Roll a revision out with the strategy asked for (README.md "Revisions and updates")."""
+        await workflow.wait_condition(lambda: self.state is not None)
+        self._refuse_while_updating()
+        # The web app made the revision just now: the spec (its revisions) is loaded again first.
+        self.state.spec_reload_pending = True
+        r = self._new_rollout("deploy", req.revision, self._options(req))
+        self._note("deploy", f"update {r.rollout}: revision {req.revision} ({r.options.strategy}) requested")
+        return DeployResult(r.rollout, req.revision, r.options.strategy)
+
+    @deploy.validator
+    def _validate_deploy(self, req: DeployRequest) -> None:
+        if self.state is None:
+            return
+        self._refuse_unless_serving_or_stopped()
+        self._refuse_while_updating()
+        if req.strategy not in STRATEGIES:
+            raise ApplicationError(f"strategy must be one of {', '.join(STRATEGIES)}, got {req.strategy!r}",
+                                   type=ERR_BAD_SPLIT, non_retryable=True)
+
+    @workflow.update(name=UPDATE_SET_TRAFFIC)
+    async def set_traffic(self, req: TrafficSplitRequest) -> TrafficSplitResult:
+        """Split traffic between revisions by hand (shares summing to 100)."""
+        await workflow.wait_condition(lambda: self.state is not None)
+        state = self.state
+        if not state.spec.revisions:  # loaded before revisions existed: know them first
+            loads = self._spec_loads
+            state.spec_reload_pending = True
+            self._dirty = True
+            await workflow.wait_condition(lambda: self._spec_loads > loads)
+        self._refuse_while_updating()
+        split = self._checked_split(req.traffic)
+        if not state.split:
+            lc.adopt_split(state, split)
+        state.split = split
+        state.wake_revisions = [r for r in state.wake_revisions if r in split]
+        self._note("traffic", "traffic split set: " + ", ".join(f"revision {n} {p}%" for n, p in split.items()))
+        return TrafficSplitResult(dict(split))
+
+    @set_traffic.validator
+    def _validate_set_traffic(self, req: TrafficSplitRequest) -> None:
+        if self.state is None:
+            return
+        self._refuse_unless_serving_or_stopped()
+        self._refuse_while_updating()
+        self._checked_split(req.traffic, loaded=bool(self.state.spec.revisions))
+
+    def _checked_split(self, traffic: dict[int, int], loaded: bool = True) -> dict[int, int]:
+        from common.revisions import SplitError, check_split
+
+        known = [info.number for info in self.state.spec.revisions] or list(self.state.split)
+        if not known and not loaded:
+            known = [int(k) for k in traffic]  # checked again once the revisions are loaded
+        try:
+            return check_split(traffic, known)
+        except SplitError as err:
+            raise ApplicationError(str(err), type=ERR_BAD_SPLIT, non_retryable=True) from None
+
+    @workflow.update(name=UPDATE_ROLLBACK)
+    async def rollback(self, req: RollbackRequest | None = None) -> RollbackResult:
+        """All traffic back to the last good revision: an update in progress rolls back at once; a
+        hand-made split returns to it; after an update finished, the revision before it comes back
+        (a rolling update)."""
+        await workflow.wait_condition(lambda: self.state is not None)
+        state = self.state
+        reason = (req.reason if req else "") or "requested"
+        r = state.rollout
+        if r is not None:
+            self._rollout_commands.append(RolloutCommand(COMMAND_ROLLBACK, reason))
+            self._dirty = True
+            back = primary(r.base_split) if r.started else primary(state.split)
+            return RollbackResult(back, f"update {r.rollout} is rolling back to its starting split", r.rollout)
+        good = lc.good_revision(state)
+        if state.split and state.split != {good: 100}:
+            state.split = {good: 100}
+            state.wake_revisions = [good] if state.wake_revisions else []
+            self._note("rollback", f"rollback ({reason}): all traffic to revision {good}")
+            return RollbackResult(good, f"all traffic returned to revision {good}")
+        earlier = [g for g in state.good if g != good]
+        if not earlier:
+            raise ApplicationError(f"nothing to roll back to: revision {good or 1} is the only good revision",
+                                   type=ERR_NOTHING_TO_ROLL_BACK, non_retryable=True)
+        r = self._new_rollout("rollback", earlier[-1], self._options(None), abandons=good)
+        self._note("rollback", f"rollback ({reason}): revision {earlier[-1]} comes back, rolling")
+        return RollbackResult(earlier[-1], f"rolling back from revision {good} to revision {earlier[-1]}",
+                              r.rollout)
+
+    @rollback.validator
+    def _validate_rollback(self, req: RollbackRequest | None = None) -> None:
+        if self.state is not None:
+            self._refuse_unless_serving_or_stopped()
+
+    @workflow.update(name=UPDATE_PROMOTE)
+    async def promote(self, req: PromoteRequest | None = None) -> PromoteResult:
+        """A canary's next step now (its pause cut short, or a manual one), or the end of a
+        blue-green rollback window."""
+        await workflow.wait_condition(lambda: self.state is not None)
+        r = self.state.rollout
+        if r is None or r.options.strategy not in (CANARY, BLUE_GREEN) or r.kind != "deploy":
+            raise ApplicationError("nothing to promote: no canary or blue-green update is in progress",
+                                   type=ERR_NO_ROLLOUT, non_retryable=True)
+        self._rollout_commands.append(RolloutCommand(COMMAND_PROMOTE))
+        self._dirty = True
+        return PromoteResult(r.rollout, f"update {r.rollout} ({r.options.strategy}) promoted")
+
+    def _refuse_while_updating(self) -> None:
+        r = self.state.rollout
+        if r is not None:
+            raise ApplicationError(
+                f"update {r.rollout} ({r.kind}, {r.options.strategy}) is in progress: wait for it, promote it or "
+                "roll it back first", type=ERR_ROLLOUT_ACTIVE, non_retryable=True)
+
+    def _refuse_unless_serving_or_stopped(self) -> None:
+        if self.state.desired in (lc.WANT_FAILED, lc.WANT_TERMINATED):
             raise self._not_serving_error()
 
     def _not_serving_error(self) -> ApplicationError:

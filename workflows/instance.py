@@ -106,6 +106,8 @@ class InstanceInput:
     serving: ServingState | None = None
     # The pool its endpoint chose for it (one of the spec's pools).
     pool: str = ""
+    # The revision it runs (README.md "Revisions and updates"); 0 for an endpoint without revisions.
+    revision: int = 0
 
 
 @dataclass
@@ -206,7 +208,7 @@ class InstanceWorkflow:
             "start_instance",
             StartInstanceInput(inp.endpoint, inp.instance_id, inp.generation, spec.health_path,
                                spec.startup_timeout_seconds, self.gpus,
-                               self.placement.gpu_type if self.placement else spec.gpu_type),
+                               self.placement.gpu_type if self.placement else spec.gpu_type, inp.revision),
             result_type=StartInstanceResult,
             task_queue=self.task_queue,
             start_to_close_timeout=timedelta(seconds=spec.startup_timeout_seconds + 120),
@@ -281,7 +283,8 @@ class InstanceWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 inp = self.inp
                 workflow.continue_as_new(InstanceInput(inp.endpoint, inp.instance_id, inp.generation,
-                                                       inp.parent_workflow_id, spec, serving, self.pool))
+                                                       inp.parent_workflow_id, spec, serving, self.pool,
+                                                       inp.revision))
 
     async def _wait(self, condition, seconds: float) -> bool:
         try:
@@ -313,8 +316,10 @@ class InstanceWorkflow:
         position meanwhile). False when released (or lost) first."""
         spec, inp = self.inp.spec, self.inp
         await self._record(I_QUEUED, generation=inp.generation, gpu_type=spec.gpu_type,
-                           event_kind="instance_created",
-                           event_message=f"instance {inp.instance_id} created, asking pool {self.pool} for a place")
+                           revision=inp.revision or None, event_kind="instance_created",
+                           event_message=f"instance {inp.instance_id} created"
+                                         + (f" (revision {inp.revision})" if inp.revision else "")
+                                         + f", asking pool {self.pool} for a place")
         self._notify()
         request = PlacementRequest(workflow.info().workflow_id, inp.endpoint, inp.instance_id, spec.gpu_type,
                                    spec.gpu_count, spec.cpu_cores, spec.memory_gb, spec.disk_gb, spec.needs_netns,

@@ -26,10 +26,12 @@ from common.models import (
     STOPPING,
 
 )
+from common.revisions import apportion, primary
 from common.spec_fields import BY_NAME, LIFECYCLE, read_by
 from common.spec_fields import LIVE as LIVE_EDIT
 from workflows import autoscale as asc
-from workflows.activity_types import LifecycleSpec
+from workflows.activity_types import LifecycleSpec, RevisionInfo
+from workflows.rollout_types import RolloutState
 from workflows.traffic_types import TrafficReport
 
 # What the owner asked for; the shown status is derived from it and the instances.
@@ -86,6 +88,11 @@ class InstanceView:
     # When returning demand kept it from draining: its idle clock restarts there.
     kept_at: float | None = None
     pool: str = ""
+    # The revision it runs (0: an endpoint without revisions).
+    revision: int = 0
+    # Released on purpose (an update replaced it, its revision lost its share): never kept back
+    # by returning demand.
+    retiring: bool = False
 
 
 @dataclass
@@ -118,6 +125,16 @@ class EndpointState:
     warm_open: list[str] = field(default_factory=list)
     warm_next: float | None = None
     warm_text: str = ""
+    # Revisions (README.md "Revisions and updates"): the traffic split (revision -> percent; empty
+    # for an endpoint without revisions), the revisions that served all traffic after an update,
+    # oldest first (the last is the one a rollback returns to), and revisions a wake asked for.
+    split: dict[int, int] = field(default_factory=dict)
+    good: list[int] = field(default_factory=list)
+    wake_revisions: list[int] = field(default_factory=list)
+    rollout: RolloutState | None = None
+    rollout_seq: int = 0
+    # The split last written to the database (the proxy routes by it).
+    recorded_split: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,12 +153,13 @@ CRASH_LOOP_WINDOW_SECONDS = 600.0
 POOL_UNAVAILABLE_SECONDS = 60.0
 
 
-def choose_pool(state: EndpointState, now: float) -> str:
+def choose_pool(state: EndpointState, now: float, pools: list[str] | None = None) -> str:
     """The pool for a new instance: instances split evenly over the endpoint's pools (the one
     with the fewest live instances, the first in the spec on a tie), passing over a pool that
-    lately had no host up while another one has (so one pool's failure leaves it serving)."""
-    pools = list(state.spec.pools or []) or ["default"]
-    candidates = available_pools(state, now) or pools
+    lately had no host up while another one has (so one pool's failure leaves it serving).
+    `pools`: its revision's, when they differ from the endpoint's spec."""
+    pools = list(pools or state.spec.pools or []) or ["default"]
+    candidates = [p for p in available_pools(state, now) if p in pools] or pools
     live_in = {p: sum(1 for v in active(state) if v.pool == p) for p in candidates}
     return min(candidates, key=lambda p: (live_in[p], pools.index(p)))
 
@@ -171,8 +189,10 @@ def routable(state: EndpointState) -> list[InstanceView]:
     return [i for i in state.instances.values() if i.status == I_READY and not i.release_sent]
 
 
-def undrainable(state: EndpointState) -> list[InstanceView]:
-    return [i for i in state.instances.values() if i.status == I_DRAINING and not i.release_sent]
+def undrainable(state: EndpointState, revision: int | None = None) -> list[InstanceView]:
+    """Draining instances that returning demand may keep (of `revision`, when given)."""
+    return [i for i in state.instances.values() if i.status == I_DRAINING and not i.release_sent
+            and not i.retiring and (revision is None or i.revision == revision)]
 
 
 def undrain(state: EndpointState, view: InstanceView, now: float) -> None:
@@ -181,7 +201,9 @@ def undrain(state: EndpointState, view: InstanceView, now: float) -> None:
     view.status = I_READY
     view.draining_since = None
     view.kept_at = now
-    state.wake_pending = False
+    if view.revision in state.wake_revisions:
+        state.wake_revisions.remove(view.revision)
+    state.wake_pending = bool(state.split) and bool(state.wake_revisions)
 
 
 def aggregate_traffic(state: EndpointState, now: float) -> dict[str, Traffic]:
@@ -220,17 +242,146 @@ def derive_status(state: EndpointState) -> str:
     return STANDBY
 
 
+def floor_instances(state: EndpointState) -> int:
+    """Instances kept running: min instances, the manual scale above it, the autoscaler's answer
+    (workflows/autoscale.py) and an open warm window (workflows/warm_windows.py)."""
+    return max(state.spec.min_instances, getattr(state.spec, "instance_count", 0) or 0, autoscaled(state),
+               state.warm)
+
+
+def keep_by_revision(state: EndpointState) -> dict[int, int]:
+    """The floor shared out over the revisions by their traffic shares (largest remainder), so a
+    10% canary at min instances 1 keeps none and wakes on its first request."""
+    floor = floor_instances(state)
+    if not state.split:
+        return {0: floor}
+    return apportion(floor, state.split)
+
+
+def wanted_by_revision(state: EndpointState) -> dict[int, int]:
+    """How many instances of each revision to start now, for the floor and pending wakes, within
+    max instances (the endpoint's, over all revisions)."""
+    if state.desired != SERVING or state.restart_pending:
+        return {}
+    keep = keep_by_revision(state)
+    wakes: set[int] = set()
+    if state.wake_pending:
+        wakes = {r for r in state.wake_revisions if r in state.split} if state.split else {0}
+        if state.split and not wakes:
+            wakes = {primary(state.split)}
+    room = state.spec.max_instances - len(live(state))
+    out: dict[int, int] = {}
+    for revision in sorted(set(keep) | wakes, key=lambda r: (-state.split.get(r, 0), r)):
+        want = max(keep.get(revision, 0), 1 if revision in wakes else 0)
+        have = sum(1 for v in active(state) if v.revision == revision or not state.split)
+        # Keeping a draining instance (the workflow's first choice) takes no new slot.
+        spare = len(undrainable(state, None if not state.split else revision))
+        count = max(0, min(want - have, room + spare))
+        if count:
+            out[revision] = count
+            room -= max(0, count - spare)
+    return out
+
+
 def wanted_new_instances(state: EndpointState) -> int:
     """How many instances to start now to honour min instances and a pending wake."""
-    if state.desired != SERVING or state.restart_pending:
-        return 0
-    want = max(state.spec.min_instances, autoscaled(state), state.warm)
-    if state.wake_pending:
-        want = max(want, 1)
-    have = len(active(state))
-    # Keeping a draining instance (the workflow's first choice) takes no new slot.
-    room = state.spec.max_instances - len(live(state)) + len(undrainable(state))
-    return max(0, min(want - have, room))
+    return sum(wanted_by_revision(state).values())
+
+
+# ---- updates in progress (README.md "Revisions and updates") -------------------------------------
+
+
+def in_new_group(state: EndpointState, view: InstanceView) -> bool:
+    """An instance the running update started: its generation, and its target revision."""
+    return started_by(state.rollout, view)
+
+
+def started_by(rollout: RolloutState | None, view: InstanceView) -> bool:
+    if rollout is None:
+        return False
+    return view.generation >= rollout.generation and (rollout.target == 0 or view.revision == rollout.target)
+
+
+def rollout_new_needed(state: EndpointState) -> dict[int, int]:
+    """New instances the running update's last step asks for and the endpoint does not have yet
+    (beyond max instances by the update's surge: old instances leave only once these serve)."""
+    r = state.rollout
+    if r is None or r.step is None or r.step.done or state.desired != SERVING:
+        return {}
+    if any(started_by(r, v) and v.status == I_FAILED for v in state.instances.values()):
+        return {}  # the update rolls back: no replacement for a failed new instance
+    out = {}
+    for revision, count in r.step.new_counts.items():
+        have = sum(1 for v in active(state) if v.revision == revision and started_by(r, v))
+        if count > have:
+            out[revision] = count - have
+    return out
+
+
+def held_by_rollout(state: EndpointState, view: InstanceView) -> bool:
+    """Kept from idle release while an update runs: its new instances, and the old set while a
+    blue-green switch may still be rolled back."""
+    r = state.rollout
+    if r is None:
+        return False
+    if in_new_group(state, view):
+        return True
+    return bool(r.step and r.step.hold_old)
+
+
+def to_retire(state: EndpointState) -> list[str]:
+    """Live instances of revisions that lost their share (and no update holds): released now,
+    drained first when ready."""
+    if not state.split or state.desired != SERVING:
+        return []
+    return [v.id for v in live(state) if v.revision not in state.split and not v.release_sent
+            and v.status not in (I_DRAINING, I_STOPPING) and not held_by_rollout(state, v)]
+
+
+def adopt_split(state: EndpointState, split: dict[int, int]) -> None:
+    """The first split an endpoint's workflow takes on (from the revisions the database holds):
+    instances it started before revisions run the primary revision (revision 1, made from the spec
+    they started with)."""
+    state.split = dict(split)
+    first = primary(split)
+    for view in state.instances.values():
+        if view.revision == 0:
+            view.revision = first
+    if not state.good:
+        state.good = [first]
+
+
+def revision_info(spec: LifecycleSpec, number: int) -> RevisionInfo | None:
+    for info in getattr(spec, "revisions", None) or []:
+        if info.number == number:
+            return info
+    return None
+
+
+def spec_for_revision(spec: LifecycleSpec, number: int) -> LifecycleSpec:
+    """The spec an instance of revision `number` starts with: its resources, pools and netns need
+    are the revision's, the rest the endpoint's."""
+    import dataclasses
+
+    info = revision_info(spec, number)
+    if info is None:
+        return dataclasses.replace(spec, revisions=[])
+    return dataclasses.replace(spec, gpu_type=info.gpu_type, gpu_count=info.gpu_count, cpu_cores=info.cpu_cores,
+                               memory_gb=info.memory_gb, pools=list(info.pools or spec.pools),
+                               needs_netns=info.needs_netns, revisions=[])
+
+
+def move_share(split: dict[int, int], bad: int, to: int) -> dict[int, int]:
+    """The split with `bad`'s share given to `to` (a revision that failed outside an update)."""
+    out = dict(split)
+    share = out.pop(bad, 0)
+    out[to] = out.get(to, 0) + share
+    return {n: p for n, p in sorted(out.items()) if p}
+
+
+def good_revision(state: EndpointState) -> int:
+    """The last good revision: where a rollback returns all traffic."""
+    return state.good[-1] if state.good else primary(state.split)
 
 
 # ---------------------------------------------------------------- autoscaling (workflows/autoscale.py)
@@ -271,7 +422,8 @@ def autoscale_surplus(state: EndpointState, now: float) -> list[str]:
     if state.desired != SERVING or not getattr(state.spec, "autoscaling", False):
         return []
     serving = active(state)
-    count = asc.surplus(state.autoscale.desired, max(state.spec.min_instances, state.warm), len(serving))
+    count = asc.surplus(state.autoscale.desired, max(state.spec.min_instances, state.warm,
+                                                     getattr(state.spec, "instance_count", 0) or 0), len(serving))
     if count <= 0:
         return []
     traffic = aggregate_traffic(state, now)
@@ -291,13 +443,14 @@ def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | 
     if state.desired != SERVING:
         return [], None
     traffic = aggregate_traffic(state, now)
-    # What the autoscaler wants is kept like min instances; idle retention releases the rest.
-    keep = max(state.spec.min_instances, autoscaled(state), state.warm)
+    # The floor (min instances, a manual scale, the autoscaler's answer, a warm window) is kept,
+    # shared out over the revisions; idle retention releases the rest.
+    keep = keep_by_revision(state)
     candidates = []
     next_check: float | None = None
     for view in routable(state):
         t = traffic.get(view.id, Traffic())
-        if t.in_flight > 0:
+        if t.in_flight > 0 or held_by_rollout(state, view):
             continue
         idle_since = last_activity(view, traffic)
         due = idle_since + max(0.0, state.spec.idle_retention_seconds - state.spec.drain_grace_seconds)
@@ -306,9 +459,43 @@ def idle_to_drain(state: EndpointState, now: float) -> tuple[list[str], float | 
         else:
             next_check = due if next_check is None else min(next_check, due)
     candidates.sort()  # the longest idle goes first
-    spare = len(active(state)) - keep
-    drain = [iid for _, iid in candidates[: max(0, spare)]]
+    # Never below the floor, per revision (all together for an endpoint without revisions).
+    spare = {rev: sum(1 for v in active(state) if _group(state, v) == rev) - count for rev, count in keep.items()}
+    drain = []
+    for _, iid in candidates:
+        rev = _group(state, state.instances[iid])
+        if rev not in spare:  # a revision with no floor (no share: it retires anyway)
+            drain.append(iid)
+        elif spare[rev] > 0:
+            drain.append(iid)
+            spare[rev] -= 1
     return drain, next_check
+
+
+def _group(state: EndpointState, view: InstanceView) -> int:
+    return view.revision if state.split else 0
+
+
+def scaled_down(state: EndpointState) -> list[str]:
+    """Ready instances beyond a manual scale (`instance_count` set lower than what runs): drained now
+    rather than at the end of their idle retention, the least busy first (its longest idle)."""
+    wanted = getattr(state.spec, "instance_count", 0) or 0
+    if state.desired != SERVING or wanted <= 0 or state.rollout is not None:
+        return []
+    floor = floor_instances(state)  # the autoscaler or a warm window may keep more
+    extra = len(active(state)) - floor
+    if extra <= 0:
+        return []
+    keep = keep_by_revision(state)
+    ready = sorted(routable(state), key=lambda v: (v.ready_at or 0.0, v.id))
+    out = []
+    for view in ready:
+        if len(out) >= extra:
+            break
+        group = _group(state, view)
+        if sum(1 for v in active(state) if _group(state, v) == group and v.id not in out) > keep.get(group, 0):
+            out.append(view.id)
+    return out
 
 
 def drained(state: EndpointState, now: float) -> tuple[list[str], float | None]:
@@ -364,6 +551,17 @@ class InstanceStatusView:
     in_flight: int
     ready_at: float | None
     reason: str
+    revision: int = 0
+
+
+@dataclass
+class RolloutStatusView:
+    rollout: int
+    target: int
+    kind: str
+    strategy: str
+    phase: str
+    base_split: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -385,6 +583,8 @@ class EndpointStatusView:
     # Instances the open warm windows keep, and those windows.
     warm_instances: int = 0
     warm_windows_open: list[str] = field(default_factory=list)
+    traffic: dict[int, int] = field(default_factory=dict)
+    rollout: RolloutStatusView | None = None
 
 
 def status_view(name: str, state: EndpointState | None, now: float) -> EndpointStatusView:
@@ -405,11 +605,15 @@ def status_view(name: str, state: EndpointState | None, now: float) -> EndpointS
         max_instances=state.spec.max_instances,
         instances=[
             InstanceStatusView(v.id, v.status, v.generation, v.address, traffic.get(v.id, Traffic()).in_flight,
-                               v.ready_at, v.reason)
+                               v.ready_at, v.reason, v.revision)
             for v in state.instances.values()
         ],
         autoscale_desired=autoscaled(state),
         autoscale_reason=state.autoscale.message if getattr(state.spec, "autoscaling", False) else "",
         warm_instances=state.warm,
         warm_windows_open=list(state.warm_open),
+        traffic=dict(state.split),
+        rollout=None if state.rollout is None else RolloutStatusView(
+            state.rollout.rollout, state.rollout.target, state.rollout.kind, state.rollout.options.strategy,
+            state.rollout.step.phase if state.rollout.step else "starting", dict(state.rollout.base_split)),
     )

@@ -11,6 +11,9 @@ class InstanceTraffic:
     # Unix time (seconds) of the last request start or end seen for this instance.
     last_request_at: float = 0.0
     requests: int = 0  # total requests seen by this reporter, monotonic
+    # Of those, answered 500 or above by the instance, or refused by it: an update's new instances
+    # are judged by them (README.md "Revisions and updates").
+    errors: int = 0
 
 
 @dataclass
