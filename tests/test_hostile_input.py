@@ -48,6 +48,8 @@ def test_every_numeric_field_has_a_maximum(field):
     base = {"name": "ep", **SERVER, "max_instances": 100}
     if field == "max_instances":
         base["min_instances"] = 0
+    if field == "target_gpu_percent":  # GPU use is measured on instances that have GPUs
+        base.update(gpu_type="T4", gpu_count=1)
     ok, errors = validate_spec({**base, field: limit.high}, existing=None)
     assert not errors, errors
     _, errors = validate_spec({**base, field: limit.high + 1}, existing=None)

@@ -109,24 +109,24 @@ def test_scale_out_rule_starts_a_new_instance_then_1007(proxied):
 
 def test_idle_instance_is_released_only_after_its_last_request_ends(proxied):
     stack = proxied
-    stack.create_endpoint("busy", start_command=INSTANCE, health_path="/ping", idle_retention_seconds=2)
-    stack.wait_status("busy", "standby")
+    stack.create_endpoint("busy-release", start_command=INSTANCE, health_path="/ping", idle_retention_seconds=2)
+    stack.wait_status("busy-release", "standby")
     done = {}
 
     def long_request():
-        r = requests.get(url(stack, "busy", "/sleep?s=8"), timeout=60)
+        r = requests.get(url(stack, "busy-release", "/sleep?s=8"), timeout=60)
         done["status"], done["at"] = r.status_code, time.time()
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    wait_until(lambda: len(live_instances(stack, "busy")) == 1 and stack.endpoint("busy").status == "running",
+    wait_until(lambda: len(live_instances(stack, "busy-release")) == 1 and stack.endpoint("busy-release").status == "running",
                60, message="busy to be running")
     # Well past the idle retention, with the request still in flight: the instance stays ready.
     time.sleep(5)
-    [inst] = live_instances(stack, "busy")
+    [inst] = live_instances(stack, "busy-release")
     assert inst.status == "ready" and "status" not in done
     thread.join(30)
     assert done["status"] == 200
-    stack.wait_status("busy", "standby", 40)
-    [inst] = stack.instances("busy")
+    stack.wait_status("busy-release", "standby", 40)
+    [inst] = stack.instances("busy-release")
     assert inst.status == "stopped" and inst.stopped_at.timestamp() >= done["at"] - 1
