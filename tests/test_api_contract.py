@@ -32,7 +32,7 @@ from webapp import api_keys
 from webapp.extensions import db
 from webapp.registry import add_git_version, create_model
 
-SECONDS = float(os.environ.get("STANDBY_CONTRACT_SECONDS", "60"))
+SECONDS = float(os.environ.get("STANDBY_CONTRACT_SECONDS", "40"))
 EXAMPLES = int(os.environ.get("STANDBY_CONTRACT_EXAMPLES", "100"))
 CHECKS = ("status_code_conformance", "content_type_conformance", "response_schema_conformance",
           "response_headers_conformance", "unsupported_method", "temporal_outage_is_the_only_server_error")
