@@ -1,6 +1,8 @@
 """Database engine and sessions for processes without a Flask app (worker, proxy, scripts)."""
 from __future__ import annotations
 
+import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,8 +22,20 @@ def engine_options(database_url: str) -> dict:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the proxy and the web app read while the worker writes.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL lets the proxy and the web app read while the worker writes. The mode is kept in the
+    # file, so only the first connection to a new database switches it; switching takes an
+    # exclusive lock that SQLite's busy timeout does not wait for, so processes starting together
+    # on a fresh database retry it for a while instead of failing with "database is locked".
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -14,8 +14,11 @@ def _upgrade(url: str, results) -> None:
         upgrade(url)
         Database(url).engine.dispose()
         results.put("ok")
-    except Exception as exc:  # reported to the test, not raised in the child
-        results.put(repr(exc))
+    except Exception as exc:  # reported to the test, not raised in the child, with where it came from
+        import traceback
+
+        frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)]
+        results.put(f"{exc!r} at {' < '.join(reversed(frames[-4:]))}")
 
 
 def race_to_upgrade(url: str, processes: int = 6) -> list[str]:
