@@ -41,6 +41,7 @@ from wtforms.validators import DataRequired, Length
 from common import accounts
 from common.account_models import ADMIN, DEVELOPER, ROLES, VIEWER, ApiToken, Membership, Project, User, role_at_least
 from common.models import utcnow
+from webapp.api_keys import validate_key_name  # a token's name is checked as a key's
 from webapp.extensions import db
 
 PUBLIC, SIGNED_IN, SITE_ADMIN = "public", "signed-in", "site-admin"
@@ -296,17 +297,6 @@ def token_json(row: ApiToken) -> dict:
             "last_used_at": iso(row.last_used_at)}
 
 
-def _token_name(raw) -> tuple[str, str | None]:
-    if raw is None:
-        return "", None
-    if not isinstance(raw, str):
-        return "", "name must be text"
-    name = raw.strip()
-    if len(name) > 64:
-        return "", f"name must be at most 64 characters, got {len(name)}"
-    return name, None
-
-
 def _new_token(name: str) -> tuple[ApiToken, str]:
     from webapp import audit
 
@@ -348,7 +338,7 @@ def account():
 def create_token_page():
     """Create a personal token and show it once."""
     form = TokenForm()
-    name, problem = _token_name(form.token_name.data)
+    name, problem = validate_key_name(form.token_name.data)
     if problem:
         flash(problem, "error")
         return redirect(url_for("auth.account"))
@@ -414,7 +404,7 @@ def create_token():
     body = request.get_json(force=True) if request.get_data(cache=True) else None
     if body is not None and not isinstance(body, dict):
         return {"error": 'the body must be a JSON object such as {"name": "ci"}', "errors": {}}, 400
-    name, problem = _token_name((body or {}).get("name"))
+    name, problem = validate_key_name((body or {}).get("name"))
     if problem:
         return {"error": problem, "errors": {"name": problem}}, 400
     row, plaintext = _new_token(name)
