@@ -7,6 +7,8 @@ windows are the endpoints' own spec fields, kept short.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import sys
 import threading
@@ -208,6 +210,35 @@ def test_a_cpu_bound_instance_scales_to_two(world, busy):
     exposition = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'standby_instance_cpu_percent{{endpoint="{busy}"' in exposition
     assert "standby_instance_cold_start_seconds_bucket" in exposition
+
+
+def test_the_worker_samples_each_instance_at_its_rate(world, busy):
+    """STANDBY_USAGE_SAMPLE_SECONDS=1 and 2 s steps here: each whole step of a running instance
+    holds two CPU samples, give or take one (a sample landing on a step's edge)."""
+    import sqlite3
+
+    from common.metrics_store import USAGE
+
+    def counts() -> list[int]:
+        database = sqlite3.connect(f"file:{world.env['STANDBY_DATA_DIR']}/standby.db?mode=ro", uri=True)
+        try:
+            rows = database.execute(
+                "SELECT p.instance_id, p.at, p.data FROM metric_points p JOIN endpoints e ON e.id = p.endpoint_id "
+                "WHERE e.name = ? AND p.kind = ? AND p.step = 2 AND p.instance_id != '' ORDER BY p.at",
+                (busy, USAGE)).fetchall()
+        finally:
+            database.close()
+        by_instance: dict[str, list[int]] = {}
+        for instance_id, _, data in rows:
+            by_instance.setdefault(instance_id, []).append(json.loads(data).get("cpu_n", 0))
+        # The first and last steps of an instance are partial, as is the one being written now.
+        return [n for found in by_instance.values() for n in found[1:-1]]
+
+    wait_until(lambda: len(counts()) >= 5, 30, interval=0.5, message="five whole steps of samples")
+    found = counts()
+    print(f"\nCPU samples per 2 s step of a running instance (1 s rate): {found}")
+    assert all(1 <= n <= 3 for n in found), found
+    assert 1.5 <= sum(found) / len(found) <= 2.5, found
 
 
 # ---------------------------------------------------------------- charts
