@@ -101,7 +101,7 @@ def wait_until_ready(
     while True:
         if heartbeat is not None:
             heartbeat()
-        exited = _exit_reason(is_alive(), path)
+        exited = _exit_reason(_settled(is_alive), path)
         if exited:
             return ReadyResult(False, exited, time.monotonic() - started, last_answer)
         remaining = deadline - time.monotonic()
@@ -114,13 +114,25 @@ def wait_until_ready(
         now = time.monotonic()
         if now >= deadline:
             # The process may have died while the probe waited: that is the better reason.
-            exited = _exit_reason(is_alive(), path)
+            exited = _exit_reason(_settled(is_alive), path)
             reason = exited or (f"not ready within {_seconds(deadline_seconds)}: waited for {expectation(path)}; "
                                 f"last answer: {last_answer}")
             return ReadyResult(False, reason, now - started, last_answer)
         time.sleep(min(delay, max(0.0, deadline - now)))
         if now - started > _FAST_PROBING_SECONDS:
             delay = min(interval, _SLOWEST, delay * _BACKOFF)
+
+
+def _settled(is_alive: Callable[[], Any], wait: float = 1.0) -> Any:
+    """The liveness, and for a process that died, once its exit code is known: the exit watcher
+    may be reaping it this very moment, and "exited with code 3" says more than "exited"."""
+    liveness = is_alive()
+    deadline = time.monotonic() + wait
+    while (not getattr(liveness, "alive", liveness) and getattr(liveness, "exit_code", 0) is None
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+        liveness = is_alive()
+    return liveness
 
 
 def _exit_reason(liveness: Any, path: str) -> str:
