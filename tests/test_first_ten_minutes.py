@@ -188,6 +188,8 @@ def test_ping_of_a_routes_endpoint_answers_200_without_waking_it(user):
     user.create({"name": name, "source_kind": "routes", "model_version_id": version.json()["id"], "routes": routes})
     user.wait_status(name, "standby")
 
+    # The proxy answers from its view, which follows the database within its refresh.
+    wait_until(lambda: user.call(name, "/ping").json()["status"] == "standby", 5, 0.1, "the proxy's view")
     ping = user.call(name, "/ping")
     assert ping.status_code == 200 and ping.json()["status"] == "standby"
     time.sleep(1.0)
